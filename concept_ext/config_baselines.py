@@ -150,7 +150,8 @@ class ShapleyConfig:
 
     def __post_init__(self) -> None:
         if self.completeness_form not in ("accuracy", "count"):
-            raise ValueError(f"completeness_form must be 'accuracy' or 'count', got {self.completeness_form!r}")
+            raise ValueError(
+                f"completeness_form must be 'accuracy' or 'count', got {self.completeness_form!r}")
         if self.n_permutations < 2:
             raise ValueError("n_permutations must be >= 2 (a standard error needs two samples)")
 
@@ -214,7 +215,8 @@ class SelectConfig:
         if self.selection_split not in ("train", "test"):
             raise ValueError(f"selection_split must be 'train' or 'test', got {self.selection_split!r}")
         if self.selection_labels not in ("predicted", "ground_truth"):
-            raise ValueError(f"selection_labels must be predicted|ground_truth, got {self.selection_labels!r}")
+            raise ValueError(
+                f"selection_labels must be predicted|ground_truth, got {self.selection_labels!r}")
 
 
 @dataclass

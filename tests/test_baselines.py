@@ -339,3 +339,27 @@ def test_completeness_forms():
     assert math.isnan(completeness_score(10, 50, 100, 2))
     with pytest.raises(ValueError, match="form"):
         completeness_score(1, 2, 3, 2, form="bad")
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [ConceptSHAPConcepts, HIConceptConcepts])
+def test_bottleneck_device_agnostic(planted, device, cls, tmp_path):
+    h, yhat, tail_cpu = planted
+    W = tail_cpu(torch.eye(h.shape[1])).to(device)  # the linear tail's matrix, on the device
+
+    def tail(u):
+        return u @ W
+
+    cfg = _small(cls.config_cls())
+    cfg.epochs = 2
+    if isinstance(cfg, HIConceptConfig):
+        cfg.flip_start_epoch = 1
+    model = cls(cfg).fit(h[:512].to(device), labels=yhat[:512].to(device), tail=tail)
+    p = model.encode(h[:64].to(device))
+    assert p.device.type == device and model.reconstruct(p).device.type == device
+    model.save(tmp_path / "m")
+    loaded = load_concept_model(tmp_path / "m")  # loads on CPU
+    assert torch.allclose(loaded.encode(h[:64]), p.cpu(), atol=1e-5)

@@ -69,7 +69,8 @@ class HIConceptConcepts(BottleneckConcepts):
         loss = cfg.lambda_ae * l_ae + cfg.lambda_pred * l_pred
         if epoch >= cfg.reg_start_epoch:
             loss = loss + cfg.lambda_sim * l_sim + cfg.lambda_far * l_far
-        parts = {"ae": float(l_ae.detach()), "pred": float(l_pred.detach()), "sim": float(l_sim.detach()), "far": float(l_far.detach())}
+        parts = {"ae": float(l_ae.detach()), "pred": float(l_pred.detach()),
+                 "sim": float(l_sim.detach()), "far": float(l_far.detach())}
         if epoch >= cfg.flip_start_epoch:
             keep = self.flip_keep(hb.shape[0], gen)
             base = sc["mask"] * sc["S"] if cfg.consistent else sc["S"]

@@ -40,8 +40,9 @@ class ICAConcepts(ConceptModel):
     def n_concepts(self) -> int:
         return self.config.n_components
 
-    def fit(self, h: Tensor, *, labels: Optional[Tensor] = None, tail: Optional[Tail] = None) -> "ICAConcepts":
-        """Fit FastICA on ``h [N, d]`` (labels and tail unused). Needs N > n_components and d >= n_components."""
+    def fit(self, h: Tensor, *, labels: Optional[Tensor] = None, tail: Optional[Tail] = None
+            ) -> "ICAConcepts":
+        """Fit FastICA on ``h [N, d]`` (labels, tail unused); needs N > n_components <= d."""
         from sklearn.decomposition import FastICA
 
         n = self.config.n_components
@@ -71,7 +72,7 @@ class ICAConcepts(ConceptModel):
         return self
 
     def encode(self, h: Tensor) -> Tensor:  # [N, d] -> [N, n] signed sources
-        """``(h - mean_) components_^T`` in float64, returned in ``h``'s dtype and device (= ``transform``)."""
+        """``(h - mean_) components_^T`` (= ``transform``) in float64, returned in ``h``'s dtype/device."""
         self._require_fitted()
         h = check_activations(h, name="h", d=self.d)
         comp, mean = self.components.to(h.device), self.mean.to(h.device)

@@ -120,7 +120,8 @@ class SAEConcepts(ConceptModel):
     def directions(self) -> Tensor:  # [m, d]
         return self.sae.W_dec.detach().clone()
 
-    def fit(self, h: Tensor, *, labels: Optional[Tensor] = None, tail: Optional[Tail] = None) -> "SAEConcepts":
+    def fit(self, h: Tensor, *, labels: Optional[Tensor] = None, tail: Optional[Tail] = None
+            ) -> "SAEConcepts":
         """Truncation: nothing to fit. Probe: fit on the codes of ``h`` against ``labels`` (train split +
         predicted labels by default; pass test activations + ground truth for the paper's protocol)."""
         if self.selection == "truncation":
