@@ -1,0 +1,1 @@
+"""Evaluation metrics (method.md section 6)."""
