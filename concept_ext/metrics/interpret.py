@@ -232,7 +232,13 @@ def sentence_sim(
     if any(k < 0 for k in ks):
         raise ValueError(f"ks must be non-negative, got {ks}")
     e = _normalise(emb.to(acts.device), torch.float64)  # [N, e]
-    patterns, inverse, counts = torch.unique(mask, dim=0, return_inverse=True, return_counts=True)
+    if f <= 62:  # pack each mask into one int64: a 1-D unique is far cheaper than unique(dim=0)
+        bits = torch.arange(f, device=mask.device)
+        codes = (mask.to(torch.int64) << bits).sum(dim=1)  # [N]
+        uniq, inverse, counts = torch.unique(codes, return_inverse=True, return_counts=True)
+        patterns = ((uniq.unsqueeze(1) >> bits) & 1).to(torch.bool)  # [P, F]
+    else:
+        patterns, inverse, counts = torch.unique(mask, dim=0, return_inverse=True, return_counts=True)
     p = patterns.shape[0]
     group_sums = torch.zeros(p, e.shape[1], dtype=torch.float64, device=e.device).index_add_(0, inverse, e)
     s_groups = group_sums.to(compute_dtype)  # [P, e]
