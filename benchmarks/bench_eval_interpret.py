@@ -104,7 +104,8 @@ sys.path.insert(0, sys.argv[4])
 from concept_ext.metrics.interpret import sentence_sim
 n, e = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
-acts = torch.from_numpy(np.where(rng.random((n, 20)) < 0.9, 0.0, rng.gamma(2.0, size=(n, 20))).astype(np.float32))
+a = np.where(rng.random((n, 20)) < 0.9, 0.0, rng.gamma(2.0, size=(n, 20)))
+acts = torch.from_numpy(a.astype(np.float32))
 emb = torch.nn.functional.normalize(torch.randn(n, e), dim=1)
 sentence_sim(acts[:64], emb[:64])  # warm up lazy initialisation
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

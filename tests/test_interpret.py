@@ -1,4 +1,4 @@
-"""Interpretability metrics (concept_ext.metrics.interpret) vs direct loops written here (method.md 6.5-6.7)."""
+"""Interpretability metrics (concept_ext.metrics.interpret) vs direct loops written here (method.md 6.5-7)."""
 from __future__ import annotations
 
 import itertools
@@ -129,7 +129,8 @@ def sentence_sim_loop(acts: torch.Tensor, emb: torch.Tensor, top: int = 5):
 
 
 @pytest.mark.parametrize(
-    "n,f,p_zero,block", [(90, 9, 0.5, None), (90, 9, 0.5, 7), (70, 20, 0.8, 1), (60, 3, 0.3, 16), (50, 70, 0.9, 11)]
+    "n,f,p_zero,block",
+    [(90, 9, 0.5, None), (90, 9, 0.5, 7), (70, 20, 0.8, 1), (60, 3, 0.3, 16), (50, 70, 0.9, 11)],
 )
 def test_sentence_sim_matches_loop(n, f, p_zero, block):
     acts = sae_like(n, f, 10 + f, p_zero=p_zero)

@@ -257,7 +257,8 @@ def sentence_sim(
         rows = stop - start
         cos_sum = (e_rows[start:stop] @ s_groups.T).to(torch.float64)  # [b, P]
         shared = torch.round(m_rows[start:stop] @ m_groups.T).to(torch.int64)  # [b, P]
-        sums = torch.zeros(rows, n_bins, dtype=torch.float64, device=e.device).scatter_add_(1, shared, cos_sum)
+        zeros = torch.zeros(rows, n_bins, dtype=torch.float64, device=e.device)
+        sums = zeros.scatter_add(1, shared, cos_sum)
         cnt = torch.zeros(rows, n_bins, dtype=torch.float64, device=e.device).scatter_add_(
             1, shared, sizes.expand(rows, p)
         )
