@@ -300,3 +300,91 @@ def test_batching_never_calls_empty_and_shares_encode():
     assert sizes == [n + res.n_pairs] and all(s > 0 for s in sizes)
     d_json = res.to_dict()
     assert d_json["per_concept"][0]["concept"] == 0 and isinstance(d_json["tvd_cond"], float)
+
+
+# ------------------------------------------------------------------------- real tiny GPT-NeoX readouts
+
+
+def tiny_neox():
+    """Random 2-layer GPT-NeoX from the pythia-14m config (float64 so argmax ties cannot differ)."""
+    from pathlib import Path
+
+    transformers = pytest.importorskip("transformers")
+    cfg_dir = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "pythia-configs" / "pythia-14m"
+    if not cfg_dir.exists():
+        pytest.skip("../shared/models/pythia-configs/pythia-14m is not available")
+    cfg = transformers.AutoConfig.from_pretrained(
+        str(cfg_dir), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    return transformers.GPTNeoXForCausalLM(cfg).double().eval()
+
+
+class Inject:
+    """Forward pre-hook on ``layers[L]`` replacing the last position of its input by given vectors."""
+
+    def __init__(self, model, layer):
+        self.model, self.layer, self.u, self.seen = model, layer, None, None
+
+    def __call__(self, module, args):
+        self.seen = args[0][:, -1].clone()
+        if self.u is None:
+            return None
+        x = args[0].clone()
+        x[:, -1] = self.u.to(x.dtype)
+        return (x,) + tuple(args[1:])
+
+    def logits(self, ids, u, label_ids):
+        self.u = u
+        handle = self.model.gpt_neox.layers[self.layer].register_forward_pre_hook(self)
+        try:
+            with torch.no_grad():
+                return self.model(input_ids=ids, use_cache=False).logits[:, -1, label_ids]
+        finally:
+            handle.remove()
+            self.u = None
+
+
+@pytest.fixture
+def one_thread():
+    # Hundreds of tiny per-pair forwards: thread hand-offs dominate on a shared 2-core machine.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_hf_tiny_neox_tail_and_context_match_per_pair_forwards(one_thread):
+    from concept_ext.metrics.completeness import completeness
+
+    model = tiny_neox()
+    layer, label_ids = 1, torch.tensor([11, 500, 3000])
+    gen = torch.Generator().manual_seed(2)
+    n, t = 20, 5
+    ids = torch.randint(2, 1000, (n, t), generator=gen)
+    inj = Inject(model, layer)
+    o = inj.logits(ids, None, label_ids)  # full-model label logits, and the clean h at the hook
+    h = inj.seen
+    y = torch.randint(0, 3, (n,), generator=gen)
+
+    # tail: the model from block L on a length-1 sequence whose only residual vector is u
+    def tail(u):
+        return inj.logits(torch.zeros((u.shape[0], 1), dtype=torch.long), u, label_ids)
+
+    def ctx(u, rows):  # in-context: the real prefix of sentence `row`, u at its last position
+        return inj.logits(ids[rows], u, label_ids)
+
+    concepts = LinearDictModel(32, 8, [0, 2, 3, 6], 3, gen=gen)
+    concepts.W_e *= 1.5 / float(h.norm(dim=1).mean())  # a few active concepts per sentence
+    for fn, ro, rows_arg in [(tail, TailReadout(tail, batch_size=16), False),
+                             (ctx, ContextReadout(ctx, batch_size=16), True)]:
+        res = conditional_ablation(concepts, h, y, ro, rows_per_chunk=9)
+        assert res.n_pairs > 0
+        assert_matches_naive(res, naive_conditional(concepts, h, y, fn, rows_arg=rows_arg))
+    # context ceiling is exactly 1 (ctx_i(h_i) = o_i); the tail ceiling is whatever agreement it has
+    comp_ctx = completeness(concepts, h, o, y, ContextReadout(ctx))
+    assert comp_ctx.ceiling == 1.0 and comp_ctx.protocol == "context"
+    comp_tail = completeness(concepts, h, o, y, TailReadout(tail))
+    want = float((torch.stack([tail(h[i:i + 1])[0] for i in range(n)]).argmax(1) == o.argmax(1)).double().mean())
+    assert comp_tail.ceiling == want

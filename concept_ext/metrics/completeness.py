@@ -161,7 +161,7 @@ def completeness(
     x_hat = bottleneck_vectors(model, code, rows, target_norm=target, fast=fast)  # [N, d]
     # One readout call over the reconstructions and the clean h (the ceiling), always (section 3.2).
     both = readout(torch.cat([x_hat.to(h.dtype), h]), torch.cat([rows, rows])).to(logits.device)
-    q_logits, ceil_logits = both[:n].float(), both[n:].float()
+    q_logits, ceil_logits = both[:n], both[n:]
     o_pred, q_pred = logits.argmax(1), q_logits.argmax(1)
     racc = float((q_pred == o_pred).double().mean())
     ceiling = float((ceil_logits.argmax(1) == o_pred).double().mean())
