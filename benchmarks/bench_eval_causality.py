@@ -74,7 +74,8 @@ def pythia_tail(gen: torch.Generator):
         return torch.randn(*shape, generator=gen) * scale
 
     ln = [(1 + w(D, scale=0.05), w(D, scale=0.05)) for _ in range(3)]
-    W_V, b_V, W_O, b_O = w(D, D, scale=D ** -0.5), w(D, scale=0.02), w(D, D, scale=D ** -0.5), w(D, scale=0.02)
+    W_V, b_V = w(D, D, scale=D ** -0.5), w(D, scale=0.02)
+    W_O, b_O = w(D, D, scale=D ** -0.5), w(D, scale=0.02)
     W_in, b_in = w(D, D_MLP, scale=D ** -0.5), w(D_MLP, scale=0.02)
     W_out, b_out = w(D_MLP, D, scale=D_MLP ** -0.5), w(D, scale=0.02)
     W_U = w(D, C, scale=D ** -0.5)
@@ -165,7 +166,8 @@ def test_conditional_sweep_vs_reference(benchmark, setting, threads):
     res = benchmark.pedantic(lambda: conditional_ablation(sae, h, y, TailReadout(tail, progress=False)),
                              rounds=1, warmup_rounds=0)
     # The SAE + bookkeeping part alone (a trivial readout), reported apart from the tail.
-    _, t_sae = _timed(lambda: conditional_ablation(sae, h, y, TailReadout(lambda v: v[:, :C], progress=False)))
+    trivial = TailReadout(lambda v: v[:, :C], progress=False)
+    _, t_sae = _timed(lambda: conditional_ablation(sae, h, y, trivial))
     info = {
         "N": N, "d": D, "d_mlp": D_MLP, "m": M, "k": K, "n_concepts": N_F, "C": C,
         "pairs": res.n_pairs, "vectors_ours": N + res.n_pairs, "vectors_reference": (N_F + 1) * N,

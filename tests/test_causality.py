@@ -126,7 +126,7 @@ def naive_conditional(model, h, y, fn, *, rescale=True, rows_arg=False):
             flips += float(q.argmax() != qa.argmax())
             tvd += 0.5 * float((q - qa).abs().sum())
             dacc += float(qa.argmax() == y[i]) - float(q.argmax() == y[i])
-        out.append((cnt, flips / cnt if cnt else None, tvd / cnt if cnt else None, dacc / cnt if cnt else None))
+        out.append((cnt,) + tuple(x / cnt if cnt else None for x in (flips, tvd, dacc)))
     return out
 
 
@@ -206,8 +206,9 @@ def test_hand_made_flips():
     seg = segment_ablation(Ident(), h, y, ro, rescale=False)
     full = {(e.cls, e.fraction): e for e in seg.entries}
     assert full[(0, 25)].n_ablated == 0 and full[(0, 25)].delta_acc == 0.0
-    assert full[(0, 100)].delta_acc == pytest.approx(-0.25) and full[(0, 100)].flip_rate == pytest.approx(0.25)
-    assert full[(1, 100)].delta_acc == pytest.approx(-0.25) and full[(1, 100)].flip_rate == pytest.approx(0.25)
+    for cl in (0, 1):
+        assert full[(cl, 100)].delta_acc == pytest.approx(-0.25)
+        assert full[(cl, 100)].flip_rate == pytest.approx(0.25)
     assert seg.means[-1].delta_acc == pytest.approx(-0.25) and seg.means[0].delta_acc == 0.0
 
 
@@ -219,7 +220,8 @@ def test_conditional_matches_per_pair_loop(nonlinear, rescale):
     model = LinearDictModel(d, 9, [7, 0, 3, 5, 8], c, gen=gen, nonlinear=nonlinear)
     h, y = data(n, d, c, gen=gen)
     tail = make_tail(d, c, gen=gen)
-    res = conditional_ablation(model, h, y, TailReadout(tail, batch_size=16), rescale=rescale, rows_per_chunk=7)
+    ro = TailReadout(tail, batch_size=16)
+    res = conditional_ablation(model, h, y, ro, rescale=rescale, rows_per_chunk=7)
     assert res.path == "generic" and res.protocol == "tail"
     assert_matches_naive(res, naive_conditional(model, h, y, tail, rescale=rescale))
     assert 0 < res.n_pairs < n * 5  # the shifted ReLU leaves some concepts inactive
@@ -310,7 +312,8 @@ def tiny_neox():
     from pathlib import Path
 
     transformers = pytest.importorskip("transformers")
-    cfg_dir = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "pythia-configs" / "pythia-14m"
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared"
+    cfg_dir = shared / "models" / "pythia-configs" / "pythia-14m"
     if not cfg_dir.exists():
         pytest.skip("../shared/models/pythia-configs/pythia-14m is not available")
     cfg = transformers.AutoConfig.from_pretrained(
@@ -386,5 +389,6 @@ def test_hf_tiny_neox_tail_and_context_match_per_pair_forwards(one_thread):
     comp_ctx = completeness(concepts, h, o, y, ContextReadout(ctx))
     assert comp_ctx.ceiling == 1.0 and comp_ctx.protocol == "context"
     comp_tail = completeness(concepts, h, o, y, TailReadout(tail))
-    want = float((torch.stack([tail(h[i:i + 1])[0] for i in range(n)]).argmax(1) == o.argmax(1)).double().mean())
+    per_row = torch.stack([tail(h[i:i + 1])[0] for i in range(n)])
+    want = float((per_row.argmax(1) == o.argmax(1)).double().mean())
     assert comp_tail.ceiling == want

@@ -64,14 +64,16 @@ def test_completeness_matches_per_sentence_loop(rescale):
 
 
 def test_activation_rate_thresholds_are_strict():
-    acts = torch.tensor([[0.0, 1e-6, -2e-6], [1e-8, 2e-8, 0.5], [0.0, 0.0, 0.0], [1.0, -1.0, 0.0]], dtype=torch.float64)
+    acts = torch.tensor([[0.0, 1e-6, -2e-6], [1e-8, 2e-8, 0.5], [0.0, 0.0, 0.0], [1.0, -1.0, 0.0]],
+                        dtype=torch.float64)
     assert activation_rates(acts, 1e-6).tolist() == [25.0, 25.0, 50.0]
     assert activation_rates(acts, 1e-8).tolist() == [25.0, 75.0, 50.0]
 
 
 def test_reference_quirk_ce_per_batch_of_4():
     gen = torch.Generator().manual_seed(4)
-    logits, y = torch.randn(10, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,), generator=gen)
+    logits = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     assert mean_ce(logits, y) == pytest.approx(float(ce.mean()))
     batch = (ce[:4].mean() + ce[4:8].mean() + ce[8:].mean()) / 3  # 10 is not a multiple of 4: they differ

@@ -319,7 +319,8 @@ def segment_ablation(
     if n_classes is None:
         probe = bottleneck_vectors(model, code, torch.arange(1, device=h.device),
                                    target_norm=None if target is None else target[:1], fast=fast)
-        n_classes = int(readout(probe.to(h.dtype), torch.zeros(1, dtype=torch.int64, device=h.device)).shape[1])
+        zero_row = torch.zeros(1, dtype=torch.int64, device=h.device)
+        n_classes = int(readout(probe.to(h.dtype), zero_row).shape[1])
     order = segment_order(code.acts, seg, n_classes)
     configs: dict[tuple[int, ...], int] = {}  # distinct ablated position sets -> slot
     plan = []  # (class, fraction, positions)

@@ -138,7 +138,8 @@ class SparseConceptModel(ConceptModel, Protocol):
 
 def is_sparse_model(model: object) -> bool:
     """True when ``model`` exposes ``sparse_code``, ``W_dec`` and ``b_dec`` (SAE fast path)."""
-    return callable(getattr(model, "sparse_code", None)) and hasattr(model, "W_dec") and hasattr(model, "b_dec")
+    has_code = callable(getattr(model, "sparse_code", None))
+    return has_code and hasattr(model, "W_dec") and hasattr(model, "b_dec")
 
 
 class SelectedCode(NamedTuple):
