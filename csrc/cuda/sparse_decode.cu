@@ -130,7 +130,8 @@ Tensor sparse_decode_cuda(Tensor values, Tensor indices, Tensor W_dec, Tensor b_
   CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "sparse_decode", [&] {
     CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "sparse_decode", [&] {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (d % 4 == 0) {
+        // float4 loads need every W_dec row 16-byte aligned (a contiguous view may start anywhere).
+        if (d % 4 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0) {
           dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock * 4)));
           decode_kernel<float, index_t, 4><<<grid, kBlock, 0, stream>>>(
               ptr<float>(v), ptr<index_t>(idx), ptr<float>(w), ptr<float>(b), ptr<float>(out), k, d);
