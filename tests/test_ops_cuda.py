@@ -30,8 +30,9 @@ pytestmark = pytest.mark.skipif(not _has_cuda_kernels(), reason="no GPU or no co
 DEV = "cuda"
 OPS_NS = torch.ops.concept_ext
 # (rtol, atol) per dtype; sums run over at most a few hundred terms of O(1) values.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.bfloat16: (1.6e-2, 2e-2)}
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.bfloat16: (1.6e-2, 2e-2),
+       torch.float16: (2e-3, 4e-3)}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _poison() -> None:
@@ -95,7 +96,7 @@ def _check_topk(x, W, b, k, values, indices, dtype):
                                atol=TOL[dtype][1] * scale * 4)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d,m,k", TOPK_CASES)
 def test_topk_encode(n, d, m, k, dtype):
     g = _gen(n * 1000 + m + k)
@@ -105,7 +106,7 @@ def test_topk_encode(n, d, m, k, dtype):
     _check_topk(x, W, b, k, values, indices, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_topk_encode_ties_and_noncontiguous(dtype):
     g = _gen(7)
     n, d, m, k = 41, 12, 97, 9
@@ -147,8 +148,8 @@ def test_topk_encode_backward():
 DECODE_CASES = [(0, 3, 10, 8), (1, 1, 5, 7), (33, 5, 40, 64), (17, 40, 40, 13), (64, 32, 1000, 260)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("n,k,m,d", DECODE_CASES)
 def test_sparse_decode(n, k, m, d, index_dtype, dtype):
     g = _gen(n + k + m + d)
@@ -174,12 +175,15 @@ def test_sparse_decode_noncontiguous():
     b = _randn(72, dtype=torch.float32, g=g)[::2]
     vt = values.t().contiguous().t()  # same values, column-major
     _close(OPS_NS.sparse_decode(vt, indices, W, b), ref.sparse_decode(values, indices, W, b), torch.float32)
+    # d % 4 == 0 but W_dec starts 4 bytes past a 16-byte boundary: the float4 path must not be taken.
+    Wm = _randn(50 * 36 + 1, dtype=torch.float32, g=g)[1:].view(50, 36)
+    _close(OPS_NS.sparse_decode(values, indices, Wm, b), ref.sparse_decode(values, indices, Wm, b), torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # activation_rate_loss
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("n,k,m", [(0, 4, 10), (1, 1, 3), (50, 7, 11), (300, 16, 40), (257, 3, 500)])
@@ -204,7 +208,7 @@ def test_activation_rate_loss(n, k, m, rate, ties, dtype):
 # --------------------------------------------------------------------------------------------------
 # ablate_decode
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("n,k,m,d,f", [(0, 3, 10, 4, 2), (1, 1, 5, 7, 5), (31, 6, 20, 33, 8),
                                        (64, 12, 300, 65, 0), (40, 20, 60, 300, 25)])
