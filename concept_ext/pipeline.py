@@ -197,8 +197,8 @@ class Pipeline:
             from .embed import embed_texts
 
             texts = self.load_split("test").texts
-            e = embed_texts(texts, model=self.cfg.eval.encoder, batch_size=self.cfg.eval.embed_batch_size,
-                            device=self.device, progress=self.progress)
+            e = embed_texts(texts, model_name=self.cfg.eval.encoder, batch_size=self.cfg.eval.embed_batch_size,
+                            device=self.device, show_progress=self.progress)
             tmp = d / ".embeddings.tmp"
             save_file({"embeddings": e.float().contiguous().cpu()}, str(tmp))
             tmp.replace(d / "embeddings.safetensors")
