@@ -126,11 +126,14 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   };
 
   if (by_rows) {
+    // Blocks are handed out dynamically (an atomic counter), not split statically: on a shared machine
+    // a descheduled thread then delays only the block it holds.
     const int64_t blocks = (n + rb - 1) / rb;
-    ts::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::atomic<int64_t> next{0};
+    ts::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
       std::vector<T> tile(static_cast<size_t>(rb * ct));
       TopKRows<T> sel(rb, k);
-      for (int64_t blk = b0; blk < b1; ++blk) {
+      for (int64_t blk = next++; blk < blocks; blk = next++) {
         const int64_t r0 = blk * rb;
         run_block(r0, std::min(rb, n - r0), tile.data(), sel, false);
       }
