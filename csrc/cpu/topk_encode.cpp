@@ -100,7 +100,7 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   // Rows per block: no larger than needed to give every thread a block.
   int64_t rb = std::min(tune.rb, (n + threads - 1) / threads);
   // Keep the candidate buffers (rb * ~2k pairs) modest when k is large.
-  rb = std::max<int64_t>(1, std::min(rb, (int64_t{1} << 22) / (2 * k + 16)));
+  rb = std::max<int64_t>(1, std::min(rb, (int64_t{1} << 20) / (2 * k + 16)));
   const bool by_rows = tune.strategy == 1 || (tune.strategy == 0 && (threads == 1 || rb >= 16));
   // Few rows (auto): the BLAS threads the GEMM; the selection (n * m compares) stays serial.
   const bool parallel_select = tune.strategy == 2;
@@ -139,7 +139,7 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
       }
     });
   } else {
-    const int64_t rbt = std::max<int64_t>(1, std::min({n, tune.rb * threads, (int64_t{1} << 22) / (2 * k + 16)}));
+    const int64_t rbt = std::max<int64_t>(1, std::min({n, tune.rb * threads, (int64_t{1} << 20) / (2 * k + 16)}));
     std::vector<T> tile(static_cast<size_t>(rbt * ct));
     TopKRows<T> sel(rbt, k);
     for (int64_t r0 = 0; r0 < n; r0 += rbt)
