@@ -1,0 +1,103 @@
+// Small helpers shared by the sparse-code CPU kernels (sparse_decode.cpp, activation_rate.cpp,
+// ablate_decode.cpp): scalar load/store with fp32 accumulation, a cheap parallel index-range check,
+// a stable counting sort of the N*k (row, position) pairs by latent, and a work-balanced split of a
+// bucketed latent range across threads.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "concept_ext/dispatch.h"
+
+namespace concept_ext::cpu {
+
+// Load one element in its accumulation type. bfloat16 is widened by a shift on its raw bits so the
+// compiler can vectorise the loops (the c10 conversion goes through memcpy and does too, but this is
+// explicit and branch free).
+template <typename T>
+inline acc_t<T> ld(const T& x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  } else {
+    return static_cast<acc_t<T>>(x);
+  }
+}
+
+// Store with round-to-nearest-even (the c10 constructors do that for the 16-bit types).
+template <typename T>
+inline T st(acc_t<T> v) {
+  return static_cast<T>(v);
+}
+
+// True when every index lies in [0, m). Parallel, with a flag instead of an exception: exceptions must
+// not cross the thread pool, so the caller raises after the loop.
+template <typename I>
+inline bool indices_in_range(const I* idx, int64_t count, int64_t m) {
+  std::atomic<bool> ok{true};
+  torch::stable::parallel_for(0, count, 1 << 16, [&](int64_t b, int64_t e) {
+    bool good = true;
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t v = static_cast<int64_t>(idx[p]);
+      good &= (v >= 0) & (v < m);
+    }
+    if (!good) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+// Pairs grouped by latent: the flat positions (i*k + j) of latent l are items[offsets[l] .. offsets[l+1]),
+// in increasing position order (stable), so every consumer is deterministic.
+struct Buckets {
+  std::vector<int64_t> offsets;  // [m + 1]
+  std::vector<int64_t> items;    // [number of kept pairs]
+};
+
+// Counting sort of the `count` flat positions by latent id, keeping those for which keep(p) is true.
+// O(count + m) work; serial, because at N*k ~ 1e5 it costs well under a millisecond.
+template <typename I, typename Keep>
+inline Buckets bucket_by_latent(const I* idx, int64_t count, int64_t m, Keep keep) {
+  Buckets b;
+  b.offsets.assign(static_cast<size_t>(m) + 1, 0);
+  int64_t* off = b.offsets.data();
+  for (int64_t p = 0; p < count; ++p) {
+    if (keep(p)) ++off[static_cast<int64_t>(idx[p]) + 1];
+  }
+  for (int64_t l = 0; l < m; ++l) off[l + 1] += off[l];
+  b.items.resize(static_cast<size_t>(off[m]));
+  std::vector<int64_t> cursor(b.offsets.begin(), b.offsets.end() - 1);
+  for (int64_t p = 0; p < count; ++p) {
+    if (keep(p)) b.items[cursor[static_cast<int64_t>(idx[p])]++] = p;
+  }
+  return b;
+}
+
+// Split latents [0, m) into about 4 chunks per thread of similar cost, where a latent costs
+// (its number of pairs) + row_cost (writing its output row). Returns chunk boundaries [0 .. m].
+inline std::vector<int64_t> balanced_latent_chunks(const std::vector<int64_t>& offsets, int64_t m,
+                                                   double row_cost) {
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t chunks = std::min<int64_t>(std::max<int64_t>(m, 1), threads * 4);
+  const double total = static_cast<double>(offsets[m]) + row_cost * static_cast<double>(m);
+  std::vector<int64_t> bounds{0};
+  int64_t l = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const double target = total * static_cast<double>(c) / static_cast<double>(chunks);
+    while (l < m && static_cast<double>(offsets[l]) + row_cost * static_cast<double>(l) < target) ++l;
+    if (l > bounds.back()) bounds.push_back(l);
+  }
+  if (bounds.back() != m) bounds.push_back(m);
+  return bounds;
+}
+
+}  // namespace concept_ext::cpu
