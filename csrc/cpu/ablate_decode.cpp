@@ -171,6 +171,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cpu(Tensor values, Tens
       pair_row = torch::stable::new_empty(W_dec, {pairs}, ScalarType::Long);
       pair_concept = torch::stable::new_empty(W_dec, {pairs}, ScalarType::Long);
       if (n == 0) return;
+      cpu::advise_huge_pages(base, sizeof(scalar_t));
+      cpu::advise_huge_pages(ablated, sizeof(scalar_t));
       // Pass 2: fill base and every pair, rows in parallel.
       ablate<scalar_t, index_t>(v, ix, W_dec.const_data_ptr<scalar_t>(), b_dec.const_data_ptr<scalar_t>(), kp,
                                 pos_in_keep.data(), target ? target->const_data_ptr<double>() : nullptr, n,

@@ -144,6 +144,7 @@ Tensor sparse_decode_cpu(Tensor values, Tensor indices, Tensor W_dec, Tensor b_d
   CONCEPT_EXT_DISPATCH_INDEX(indices.scalar_type(), "sparse_decode", [&] {
     check_range<index_t>(indices, m);
     CONCEPT_EXT_DISPATCH_FLOATING(W_dec.scalar_type(), "sparse_decode", [&] {
+      cpu::advise_huge_pages(out, sizeof(scalar_t));
       decode_rows<scalar_t, index_t>(values.const_data_ptr<scalar_t>(), indices.const_data_ptr<index_t>(),
                                      W_dec.const_data_ptr<scalar_t>(), b_dec.const_data_ptr<scalar_t>(),
                                      out.mutable_data_ptr<scalar_t>(), n, k, d);
@@ -175,6 +176,7 @@ std::tuple<Tensor, Tensor> sparse_decode_backward_cpu(Tensor grad_out, Tensor va
   CONCEPT_EXT_DISPATCH_INDEX(indices.scalar_type(), "sparse_decode_backward", [&] {
     check_range<index_t>(indices, m);
     CONCEPT_EXT_DISPATCH_FLOATING(W_dec.scalar_type(), "sparse_decode_backward", [&] {
+      cpu::advise_huge_pages(grad_W, sizeof(scalar_t));
       decode_backward<scalar_t, index_t>(
           grad_out.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(),
           indices.const_data_ptr<index_t>(), W_dec.const_data_ptr<scalar_t>(),

@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "concept_ext/dispatch.h"
 
 namespace concept_ext::cpu {
@@ -38,6 +42,29 @@ inline acc_t<T> ld(const T& x) {
 template <typename T>
 inline T st(acc_t<T> v) {
   return static_cast<T>(v);
+}
+
+// Ask the kernel to back a freshly allocated, not yet touched output with transparent huge pages.
+// Why: a large torch.empty is a fresh mmap, and faulting it in 4 KiB pages dominated the kernels on the
+// development VM (a 32 MiB grad_W: ~85 ms of page faults vs ~25 ms with huge pages, measured). With THP
+// in "madvise" mode (a common default) nothing happens without this hint; in "always" or "never" mode,
+// or for memory that is already mapped, it is a harmless no-op. Only outputs of >= 4 MiB are advised.
+inline void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kPage = 4096, kMin = size_t(4) << 20;
+  if (ptr == nullptr || bytes < kMin) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr) & ~(uintptr_t(kPage) - 1);
+  const uintptr_t stop = reinterpret_cast<uintptr_t>(ptr) + bytes;
+  (void)madvise(reinterpret_cast<void*>(start), stop - start, MADV_HUGEPAGE);  // advisory: errors ignored
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+// Same, for a whole freshly created tensor.
+inline void advise_huge_pages(const torch::stable::Tensor& t, size_t element_size) {
+  advise_huge_pages(t.mutable_data_ptr(), static_cast<size_t>(t.numel()) * element_size);
 }
 
 // True when every index lies in [0, m). Parallel, with a flag instead of an exception: exceptions must
