@@ -4,6 +4,8 @@ Group ``activation_rate-<size>-fwd+bwd`` compares, in the same process, forward 
 
 * ``ours``: :func:`concept_ext.activation_rate_loss` on the sparse code (counting sort by latent and a
   per-latent selection only where a latent has more than floor(rate * N) positive entries; O(N*k));
+* ``ours_op``: the same kernel through ``torch.ops.concept_ext.activation_rate_loss`` (autograd included),
+  without the public wrapper's argument, index-range and finiteness checks;
 * ``dense``: scatter the code into ``zeros[N, m]``, ``torch.topk`` of ``floor(rate * N)`` along the batch
   dimension, ``L = (sum(z) - sum(top)) / N``, autograd.
 
@@ -25,7 +27,7 @@ import concept_ext
 from conftest import FULL, SIZES
 
 RATE = 0.1
-IMPLS = ["ours", "dense"]
+IMPLS = ["ours", "ours_op", "dense"]
 _CACHE: dict = {}
 
 
@@ -51,6 +53,8 @@ def _dense_loss(values, idx, m, rate):
 def _loss(impl, values, idx, m):
     if impl == "ours":
         return concept_ext.activation_rate_loss(values, idx, m, RATE)
+    if impl == "ours_op":
+        return torch.ops.concept_ext.activation_rate_loss(values, idx, m, RATE)
     return _dense_loss(values, idx, m, RATE)
 
 
@@ -61,8 +65,9 @@ def _check(values, idx, m):
         loss = _loss(impl, v, idx, m)
         loss.backward()
         grads.append((loss.detach(), v.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[0][1], grads[1][1])
+    for loss, grad in grads[:-1]:  # every implementation vs the dense one (last)
+        torch.testing.assert_close(loss, grads[-1][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, grads[-1][1])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -4,6 +4,8 @@ Groups ``sparse_decode-<size>-<fwd|fwd+bwd>`` compare, in the same process and o
 
 * ``ours``: :func:`concept_ext.sparse_decode` (C++ kernel when built; gather-sum forward, latent-bucketed
   scatter backward);
+* ``ours_op``: the same kernel through ``torch.ops.concept_ext.sparse_decode`` (autograd included),
+  without the public wrapper's argument and index-range checks;
 * ``embedding_bag``: ``F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec``;
 * ``dense``: scatter the code into ``zeros[N, m]`` then ``z @ W_dec + b_dec`` (what most SAE libraries do).
 
@@ -23,7 +25,7 @@ from concept_ext import reference as ref
 
 from conftest import FULL, SIZES
 
-IMPLS = ["ours", "embedding_bag", "dense"]
+IMPLS = ["ours", "ours_op", "embedding_bag", "dense"]
 
 
 def _inputs(size):
@@ -53,6 +55,8 @@ def _cached(size):
 def _forward(impl, values, idx, W, b):
     if impl == "ours":
         return concept_ext.sparse_decode(values, idx, W, b)
+    if impl == "ours_op":
+        return torch.ops.concept_ext.sparse_decode(values, idx, W, b)
     if impl == "embedding_bag":
         return F.embedding_bag(idx, W, per_sample_weights=values, mode="sum") + b
     z = torch.zeros(values.shape[0], W.shape[0], dtype=values.dtype).scatter(1, idx, values)

@@ -158,13 +158,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cpu(Tensor values, Tens
                     ") (W_dec has m = ", m, " rows)");
     CONCEPT_EXT_DISPATCH_FLOATING(W_dec.scalar_type(), "ablate_decode", [&] {
       const scalar_t* v = values.const_data_ptr<scalar_t>();
-      // Pass 1: pairs per row, then exclusive prefix sums -> output offset of each row.
+      // Pass 1: pairs per row, then exclusive prefix sums -> output offset of each row. Serial: O(N*k)
+      // and cheaper than a parallel region on a busy machine (sparse_util.h, indices_in_range).
       std::vector<int64_t> row_off(static_cast<size_t>(n) + 1, 0);
-      torch::stable::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
-        std::vector<int64_t> act(static_cast<size_t>(k));
-        for (int64_t i = r0; i < r1; ++i)
-          row_off[i + 1] = active_positions(v + i * k, ix + i * k, k, pos_in_keep.data(), act.data());
-      });
+      std::vector<int64_t> act(static_cast<size_t>(k));
+      for (int64_t i = 0; i < n; ++i)
+        row_off[i + 1] = active_positions(v + i * k, ix + i * k, k, pos_in_keep.data(), act.data());
       for (int64_t i = 0; i < n; ++i) row_off[i + 1] += row_off[i];
       const int64_t pairs = row_off[n];
       ablated = torch::stable::new_empty(W_dec, {pairs, d});

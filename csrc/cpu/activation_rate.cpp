@@ -11,6 +11,8 @@
 //      puts exactly the reference's top set (ties: earlier row-major entry wins) in front.
 // The forward sums the rest per latent and adds the per-latent sums in latent order, so the result does
 // not depend on the thread count. The backward is grad/N everywhere except on the top entries.
+// Everything runs on the calling thread: the work is O(N*k) (~1 ms at N*k = 1.3e5), smaller than the
+// cost of a parallel region on a busy 2-core machine (see sparse_util.h, indices_in_range).
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
@@ -62,21 +64,17 @@ Selection select_top(const T* values, const I* indices, int64_t count, int64_t m
     if (s.heavy[l] && ld(values[p]) > A(0)) s.items[cursor[l]++] = p;
   }
   if (m_keep == 0) return s;  // nothing to select: every positive entry is outside the (empty) top set
-  const std::vector<int64_t> bounds = cpu::balanced_latent_chunks(s.offsets, m, 0.01);
-  const int64_t n_chunks = static_cast<int64_t>(bounds.size()) - 1;
-  torch::stable::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    // Strict total order: larger value first, then earlier row-major position.
-    auto before = [&](int64_t a, int64_t b) {
-      const A va = ld(values[a]), vb = ld(values[b]);
-      return va > vb || (va == vb && a < b);
-    };
-    for (int64_t l = bounds[c0]; l < bounds[c1]; ++l) {
-      if (!s.heavy[l]) continue;
-      int64_t* first = s.items.data() + s.offsets[l];
-      int64_t* last = s.items.data() + s.offsets[l + 1];
-      std::nth_element(first, first + (m_keep - 1), last, before);
-    }
-  });
+  // Strict total order: larger value first, then earlier row-major position.
+  auto before = [&](int64_t a, int64_t b) {
+    const A va = ld(values[a]), vb = ld(values[b]);
+    return va > vb || (va == vb && a < b);
+  };
+  for (int64_t l = 0; l < m; ++l) {
+    if (!s.heavy[l]) continue;
+    int64_t* first = s.items.data() + s.offsets[l];
+    int64_t* last = s.items.data() + s.offsets[l + 1];
+    std::nth_element(first, first + (m_keep - 1), last, before);
+  }
   return s;
 }
 
@@ -116,17 +114,12 @@ Tensor activation_rate_loss_cpu(Tensor values, Tensor indices, int64_t n_latents
       double total = 0.0;
       if (n > 0) {
         const Selection s = select_top(v, indices.const_data_ptr<index_t>(), count, n_latents, m_keep);
-        // Entries past the m_keep-th place of each heavy bucket are outside the top set.
-        std::vector<double> per_latent(static_cast<size_t>(n_latents), 0.0);
-        const std::vector<int64_t> bounds = cpu::balanced_latent_chunks(s.offsets, n_latents, 0.01);
-        torch::stable::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
-          for (int64_t l = bounds[c0]; l < bounds[c1]; ++l) {
-            double acc = 0.0;
-            for (int64_t q = s.offsets[l] + m_keep; q < s.offsets[l + 1]; ++q) acc += ld(v[s.items[q]]);
-            per_latent[l] = acc;
-          }
-        });
-        for (int64_t l = 0; l < n_latents; ++l) total += per_latent[l];
+        // Entries past the m_keep-th place of each heavy bucket are outside the top set; summed in
+        // latent order (fp64), so the result is deterministic.
+        for (int64_t l = 0; l < n_latents; ++l) {
+          if (!s.heavy[l]) continue;
+          for (int64_t q = s.offsets[l] + m_keep; q < s.offsets[l + 1]; ++q) total += ld(v[s.items[q]]);
+        }
         total /= static_cast<double>(n);
       }
       loss.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(static_cast<A>(total));
@@ -160,12 +153,10 @@ Tensor activation_rate_loss_backward_cpu(Tensor grad, Tensor values, Tensor indi
       const scalar_t g_n = static_cast<scalar_t>(static_cast<A>(g) / static_cast<A>(n));
       const scalar_t zero = static_cast<scalar_t>(A(0));
       // Positive entries of light latents are all in their top set; the rest get grad/N for now.
-      torch::stable::parallel_for(0, count, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t p = b; p < e; ++p) {
-          const bool top = ld(v[p]) > A(0) && !s.heavy[static_cast<int64_t>(ix[p])];
-          o[p] = top ? zero : g_n;
-        }
-      });
+      for (int64_t p = 0; p < count; ++p) {
+        const bool top = ld(v[p]) > A(0) && !s.heavy[static_cast<int64_t>(ix[p])];
+        o[p] = top ? zero : g_n;
+      }
       // Heavy latents: their first m_keep items (after the selection) are the top set.
       for (int64_t l = 0; l < n_latents && m_keep > 0; ++l) {
         if (!s.heavy[l]) continue;
