@@ -22,7 +22,7 @@ from .sae import TopKSAE, build_sae
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["lr_at", "FiringTracker", "DataOrder", "TrainResult", "Trainer", "train_sae"]
+__all__ = ["lr_at", "FiringTracker", "DataOrder", "EpochCounter", "TrainResult", "Trainer", "train_sae"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -110,6 +110,23 @@ class DataOrder:
         self.pass_idx, self.pos, self._perm = int(state["pass"]), int(state["pos"]), None
 
 
+class EpochCounter:
+    """The epoch counter of method.md 2.3: before each step add B; on reaching N_train, subtract it and
+    count an epoch. It decides the two-phase switch (and v1's decay)."""
+
+    def __init__(self, n_train: int) -> None:
+        self.n_train = n_train
+        self.count, self.epoch = 0, 0
+
+    def advance(self, batch_size: int) -> int:
+        """Account for one step of ``batch_size`` samples; returns the epoch for that step."""
+        self.count += batch_size
+        while self.count >= self.n_train:
+            self.count -= self.n_train
+            self.epoch += 1
+        return self.epoch
+
+
 class TrainResult(NamedTuple):
     """Output of :meth:`Trainer.train`."""
 
@@ -161,7 +178,7 @@ class Trainer:
         self.firing = FiringTracker(sae.m, self.device)
         self.order = DataOrder(self.n_train, cfg.seed, self.device)
         self.step = 0
-        self.sample_count, self.epoch = 0, 0  # the epoch counter of method.md 2.3
+        self.epochs = EpochCounter(self.n_train)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.history: list[dict[str, float]] = []
         self._last_batch: tuple[Tensor, Optional[Tensor]] = (self.h[:0], None)
@@ -179,6 +196,11 @@ class Trainer:
         return max(1, self.cfg.total_samples // self.n_train)
 
     @property
+    def epoch(self) -> int:
+        """Current value of the epoch counter."""
+        return self.epochs.epoch
+
+    @property
     def stopgrad_active(self) -> bool:
         """Whether this step decodes from [sg(z_class), z_ctx] (v2 second phase)."""
         c = self.cfg
@@ -194,10 +216,7 @@ class Trainer:
         """One optimisation step (method.md 2.4 order). Raises FloatingPointError on a non-finite loss."""
         cfg, sae = self.cfg, self.sae
         sae.normalize_decoder()  # (1)
-        self.sample_count += cfg.batch_size  # epoch counter counts B per step (nominal under oddity 19)
-        while self.sample_count >= self.n_train:
-            self.sample_count -= self.n_train
-            self.epoch += 1
+        self.epochs.advance(cfg.batch_size)  # counts B per step (nominal under oddity 19)
         idx = self.order.next(self._rows())
         h = self.h[idx]
         labels = self.labels[idx] if self.labels is not None else None
@@ -291,7 +310,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything beyond the weights needed for an exact resume."""
         state = {
-            "step": self.step, "epoch": self.epoch, "sample_count": self.sample_count,
+            "step": self.step, "epoch": self.epochs.epoch, "sample_count": self.epochs.count,
             "order": self.order.state(), "optimizer": self.opt.state_dict(),
             "noise_rng": self.noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "samples_seen": self.firing.samples_seen,
@@ -300,7 +319,8 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch, self.sample_count = int(state["step"]), int(state["epoch"]), int(state["sample_count"])
+        self.step = int(state["step"])
+        self.epochs.epoch, self.epochs.count = int(state["epoch"]), int(state["sample_count"])
         self.order.load(state["order"])
         self.opt.load_state_dict(state["optimizer"])
         self.noise_gen.set_state(state["noise_rng"])
