@@ -28,6 +28,8 @@ except ImportError as exc:  # pragma: no cover - exercised when the extension is
     C_EXTENSION_ERROR = str(exc)
     logger.warning("concept_ext._C could not be loaded (%s); the pure-PyTorch reference ops serve.", exc)
 
+from . import info, reference  # noqa: E402  (info reads HAS_C_EXTENSION at call time)
+
 __all__ = [
     "__version__",
     "HAS_C_EXTENSION",

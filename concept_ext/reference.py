@@ -48,6 +48,17 @@ RESCALE_EPS = 1e-9
 _ENCODE_BLOCK = 1024
 
 
+def _check_indices(indices: Tensor, m: int, name: str = "indices") -> None:
+    """Raise ``IndexError`` for ids outside ``[0, m)``: some fast paths (``embedding_bag`` on CPU,
+    ``bincount``) would otherwise read out of bounds or silently grow. Skipped during CUDA-graph
+    capture, where reading a device value is not allowed."""
+    if indices.numel() == 0 or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= m:
+        raise IndexError(f"{name} must lie in [0, {m}), got values in [{lo}, {hi}]")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -124,6 +135,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     """
     n, d = values.shape[0], W_dec.shape[1]
     acc = _acc_dtype(W_dec.dtype)
+    _check_indices(indices, W_dec.shape[0])
     if n == 0:
         return W_dec.new_empty((0, d))
     out = torch.nn.functional.embedding_bag(
@@ -147,6 +159,7 @@ def sparse_decode_backward(
     n, k = values.shape
     m, d = W_dec.shape
     acc = _acc_dtype(W_dec.dtype)
+    _check_indices(indices, m)
     idx = indices.long()
     g = grad_out.to(acc)
     grad_w = torch.zeros((m, d), dtype=acc, device=W_dec.device)
@@ -174,6 +187,7 @@ def activation_rate_top_mask(values: Tensor, indices: Tensor, n_latents: int, ra
     """
     n = values.shape[0]
     m_keep = _m_keep(n, rate)
+    _check_indices(indices, n_latents)
     flat_v = values.reshape(-1)
     mask = torch.zeros(flat_v.shape, dtype=torch.bool, device=values.device)
     if n == 0 or m_keep == 0:
@@ -254,6 +268,8 @@ def ablate_decode(
     n, k = values.shape
     m, d = W_dec.shape
     acc = _acc_dtype(W_dec.dtype)
+    _check_indices(indices, m)
+    _check_indices(keep, m, "keep")
     keep = keep.long()
     pos_in_keep = torch.full((m,), -1, dtype=torch.int64, device=W_dec.device)
     pos_in_keep[keep] = torch.arange(keep.numel(), device=W_dec.device)
@@ -277,7 +293,8 @@ def ablate_decode(
         coef.scatter_add_(1, col, v_kept)
         active.scatter_reduce_(1, col, kept & (v > 0), reduce="amax")
     coef, active = coef[:, :n_f], active[:, :n_f]
-    pair_row, pair_concept = torch.nonzero(active, as_tuple=True)  # row-major: by row, then position
+    nz = torch.nonzero(active)  # [P, 2], row-major: by row, then position in keep
+    pair_row, pair_concept = nz[:, 0].clone(), nz[:, 1].clone()  # separate storage (no aliasing outputs)
     ablated = base[pair_row] - coef[pair_row, pair_concept, None] * w[keep[pair_concept]]
     if target_norm is not None:
         t = target_norm.to(acc)

@@ -1,0 +1,126 @@
+"""Atomic outputs and stage bookkeeping for long runs.
+
+A stage writes everything into a temporary sibling folder, then renames it into place and writes its
+``stage.json`` record last. A stage whose record exists and whose input fingerprint matches is skipped;
+an interrupted stage leaves only a ``.tmp-*`` folder, which the next run removes and redoes. Nothing a
+finished stage produced is ever touched by a later failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_write_json", "atomic_write_text", "atomic_dir", "fingerprint", "StageRecord", "read_record"]
+
+RECORD = "stage.json"
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable SHA-256 (hex, 16 chars) of JSON-able parts (dataclasses, dicts, lists, scalars)."""
+    blob = json.dumps(_jsonable(list(parts)), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``final`` in one rename.
+
+    On an exception the temporary folder is deleted and ``final`` (if it existed) is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale_tmp(folder: str | os.PathLike) -> None:
+    """Remove ``.tmp-*``/``.old-*`` leftovers of interrupted writes in ``folder``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class StageRecord:
+    """What a finished stage wrote about itself (``<stage dir>/stage.json``)."""
+
+    stage: str
+    """Stage name."""
+    fingerprint: str
+    """Fingerprint of the stage's inputs (config subset and upstream fingerprints)."""
+    seconds: float
+    """Wall-clock time the stage took."""
+    finished_at: float = dataclasses.field(default_factory=time.time)
+    """UNIX time the stage finished."""
+    extra: dict = dataclasses.field(default_factory=dict)
+    """Stage-specific summary (e.g. accuracy, number of rows)."""
+
+
+def read_record(stage_dir: str | os.PathLike) -> StageRecord | None:
+    """The record of a finished stage, or ``None`` if it never finished (or the record is unreadable)."""
+    path = Path(stage_dir) / RECORD
+    try:
+        data = json.loads(path.read_text())
+        return StageRecord(**{f.name: data[f.name] for f in dataclasses.fields(StageRecord) if f.name in data})
+    except (FileNotFoundError, json.JSONDecodeError, TypeError, KeyError):
+        return None
+
+
+def write_record(stage_dir: str | os.PathLike, record: StageRecord) -> None:
+    """Write the record last: its presence means the stage's outputs are complete."""
+    atomic_write_json(Path(stage_dir) / RECORD, record)

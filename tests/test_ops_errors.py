@@ -1,0 +1,70 @@
+"""Bad input gets a clear Python exception naming the argument: never a crash or silent garbage."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import concept_ext
+
+x = torch.randn(4, 3)
+W = torch.randn(3, 6)
+b = torch.zeros(6)
+v = torch.rand(4, 2)
+i = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]])
+Wd = torch.randn(6, 3)
+bd = torch.zeros(3)
+
+nan_x = x.clone()
+nan_x[1, 2] = float("nan")
+inf_w = W.clone()
+inf_w[0, 0] = float("inf")
+
+CASES = [
+    # (callable, exception type, fragment of the message)
+    (lambda: concept_ext.topk_encode(x.long(), W, b, 2), TypeError, "x must be float"),
+    (lambda: concept_ext.topk_encode(x[0], W, b, 2), ValueError, "x must have 2 dimension"),
+    (lambda: concept_ext.topk_encode(x, W[:2], b, 2), ValueError, "W_enc expects d = 2"),
+    (lambda: concept_ext.topk_encode(x, W, b[:5], 2), ValueError, "b_enc must have m = 6"),
+    (lambda: concept_ext.topk_encode(x, W, b, 7), ValueError, "k must satisfy 1 <= k <= m = 6"),
+    (lambda: concept_ext.topk_encode(x, W, b, 0), ValueError, "k must satisfy"),
+    (lambda: concept_ext.topk_encode(x, W, b, 2.0), TypeError, "k must be an int"),
+    (lambda: concept_ext.topk_encode(x.double(), W, b, 2), TypeError, "share a dtype"),
+    (lambda: concept_ext.topk_encode(nan_x, W, b, 2), ValueError, "x contains NaN"),
+    (lambda: concept_ext.topk_encode(x, inf_w, b, 2), ValueError, "W_enc contains NaN or infinite"),
+    (lambda: concept_ext.topk_encode(x, W.to("meta"), b, 2), ValueError, "same device"),
+    (lambda: concept_ext.topk_encode([[1.0]], W, b, 2), TypeError, "x must be a torch.Tensor"),
+    (lambda: concept_ext.sparse_decode(v, i[:, :1], Wd, bd), ValueError, "same shape"),
+    (lambda: concept_ext.sparse_decode(v, i.float(), Wd, bd), TypeError, "indices must be int64 or int32"),
+    (lambda: concept_ext.sparse_decode(v, i + 6, Wd, bd), ValueError, "indices must lie in [0, 6)"),
+    (lambda: concept_ext.sparse_decode(v, -i - 1, Wd, bd), ValueError, "indices must lie in [0, 6)"),
+    (lambda: concept_ext.sparse_decode(v, i, Wd, bd[:2]), ValueError, "b_dec must have d = 3"),
+    (lambda: concept_ext.sparse_decode(v.double(), i, Wd, bd), TypeError, "share a dtype"),
+    (lambda: concept_ext.activation_rate_loss(v, i, 5, 0.1), ValueError, "indices must lie in [0, 5)"),
+    (lambda: concept_ext.activation_rate_loss(v, i, 6, 1.5), ValueError, "rate must be a float in [0, 1]"),
+    (lambda: concept_ext.activation_rate_loss(v, i, 0, 0.1), ValueError, "n_latents must be a positive int"),
+    (lambda: concept_ext.activation_rate_loss(v * float("nan"), i, 6, 0.1), ValueError, "values contains NaN"),
+    (lambda: concept_ext.ablate_decode(v, i, Wd, bd, torch.tensor([0, 0])), ValueError, "distinct"),
+    (lambda: concept_ext.ablate_decode(v, i, Wd, bd, torch.tensor([9])), ValueError, "keep must lie in [0, 6)"),
+    (lambda: concept_ext.ablate_decode(v, i, Wd, bd, torch.tensor([1]), target_norm=torch.ones(3)), ValueError,
+     "one entry per row"),
+]
+
+
+@pytest.mark.parametrize("call,exc,fragment", CASES, ids=[c[2] for c in CASES])
+def test_bad_input_raises_clearly(call, exc, fragment):
+    with pytest.raises(exc) as info:
+        call()
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("fn,args,fragment", [
+    ("sparse_decode", (v, i + 100, Wd, bd), "indices"),
+    ("topk_encode", (x, W, b, 9), "k"),
+    ("activation_rate_loss", (v, i + 100, 6, 0.1), "indices"),
+])
+def test_kernel_level_checks_raise_not_crash(fn, args, fragment):
+    """Direct torch.ops calls bypass the wrapper checks: the kernel itself must refuse bad input."""
+    with pytest.raises((RuntimeError, IndexError, ValueError)) as info:
+        getattr(torch.ops.concept_ext, fn)(*args)
+    assert fragment in str(info.value).lower() or "out of" in str(info.value).lower() or "range" in str(
+        info.value).lower()
