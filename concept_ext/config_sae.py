@@ -123,7 +123,7 @@ class SAEConfig:
 class TrainConfig:
     """Training recipe (method.md sections 2.3-2.7 and 8). Defaults are the v2 paper values."""
 
-    preset: str = "paper-v2"
+    preset_name: str = "paper-v2"
     """Name of the preset these values came from (recorded in checkpoints)."""
     loss_version: str = "v2"
     """``"v2"``: method.md 2.3 with the two-phase stop-gradient. ``"v1"``: input noise and the linear-decay
@@ -246,7 +246,7 @@ class TrainConfig:
         if method not in ("classifsae", "sae"):
             raise ValueError(f"method must be 'classifsae' or 'sae', got {method!r}")
         _model_entry(model)
-        vals: dict[str, Any] = {"preset": canon}
+        vals: dict[str, Any] = {"preset_name": canon}
         if canon == "quick":
             # Small batches and a high lr so that a few thousand steps already give a usable SAE.
             vals.update(total_samples=256 * 1500, batch_size=256, lr=1e-3, lr_end=1e-5, schedule="cosine",

@@ -99,6 +99,15 @@ class TopKSAE(nn.Module):
     def m(self) -> int:
         return self.cfg.m
 
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    @property
+    def n_concepts(self) -> int:
+        """n: latents 0..n-1 form z_class."""
+        return self.cfg.n_concepts
+
     def _flatten(self, h: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         if not isinstance(h, Tensor):
             raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
@@ -110,7 +119,7 @@ class TopKSAE(nn.Module):
         """s = sqrt(d)/||h|| per row ("constant_norm_rescale"), or ones."""
         if self.cfg.normalize == "none":
             return h.new_ones(h.shape[0])
-        return math.sqrt(self.d) / h.norm(dim=1)
+        return math.sqrt(self.d) / h.norm(dim=1).clamp_min(1e-12)  # an all-zero row stays 0
 
     def encode(self, h: Tensor) -> SparseCode:
         """Rescale ``h [..., d]`` and keep the top-k ReLU'd pre-activations: a :class:`SparseCode`."""

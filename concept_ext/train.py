@@ -228,7 +228,7 @@ class Trainer:
         out = sae_losses(sae, h, labels, cfg, dead_mask=dead, stopgrad_class=self.stopgrad_active,
                          loss_weight=weight, noise_gen=self.noise_gen)  # (2)
         if not bool(torch.isfinite(out.terms.total)):
-            vals = {k: float(v) for k, v in out.terms._asdict().items()}
+            vals = {k: float(v.detach()) for k, v in out.terms._asdict().items()}
             raise FloatingPointError(f"non-finite loss at step {self.step} (0-based): {vals}")
         with torch.no_grad():
             self.firing.update(out.values, out.indices)
@@ -340,12 +340,14 @@ class Trainer:
     @classmethod
     def resume(cls, path: Union[str, Path], activations: Tensor, labels: Optional[Tensor] = None, *,
                out_dir: Optional[Union[str, Path]] = None, cfg: Optional[TrainConfig] = None) -> "Trainer":
-        """A trainer restored from a checkpoint saved with trainer state; ``cfg`` defaults to the saved one."""
+        """A trainer restored from a checkpoint saved with trainer state; ``cfg`` defaults to the saved one
+        and ``out_dir`` to the checkpoint's parent folder."""
         ck = load_checkpoint(path, expected_d=activations.shape[-1], load_trainer_state=True)
         train_cfg = cfg or ck.train_cfg
         if train_cfg is None:
             raise ValueError(f"checkpoint {str(path)!r} has no TrainConfig; pass cfg=")
-        trainer = cls(ck.sae, train_cfg, activations, labels, out_dir=out_dir, metadata=ck.metadata)
+        out = Path(path).parent if out_dir is None else out_dir
+        trainer = cls(ck.sae, train_cfg, activations, labels, out_dir=out, metadata=ck.metadata)
         trainer.load_state_dict(ck.trainer_state)
         return trainer
 

@@ -81,7 +81,7 @@ def test_bad_inputs_and_configs_raise_clear_errors():
 
 def test_presets_and_coefficient_table():
     for alias in ("paper-v2", "v2", "paper"):
-        assert TrainConfig.preset(alias).preset == "paper-v2"
+        assert TrainConfig.preset(alias).preset_name == "paper-v2"
     c = TrainConfig.preset("paper-v2", model="pythia-1b", dataset="tweeteval_sentiment")
     assert (c.lambda_mse, c.lambda_ar, c.lambda_cls, c.batch_size, c.total_steps) == (0.01, 0.01, 1.0, 2000, 5000)
     c = TrainConfig.preset("paper", model="pythia-410m", dataset="imdb")
@@ -95,6 +95,7 @@ def test_presets_and_coefficient_table():
     quirks = TrainConfig.preset("v2", dataset="tweeteval_offensive", reference_quirks=True)
     assert quirks.stopgrad_plain_sae and quirks.alternate_half_batches
     assert SAEConfig.for_model("pythia-1b", n_classes=4).m == 4096
+    assert TrainConfig().preset_name == "paper-v2" and TrainConfig().total_steps == 20_000
 
 
 def _roundtrip_sae(tmp_path, arch="classif_topk"):
