@@ -15,7 +15,7 @@ from planted_sae import planted
 
 log = logging.getLogger(__name__)
 D, DIRS, M, K, N_C, C = 32, 24, 48, 3, 4, 3
-STEPS, BATCH = 200, 128
+STEPS, BATCH = 120, 128
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def data():
 def _train(data, arch, **overrides):
     scfg = SAEConfig(d=D, m=M, k=K, n_concepts=N_C, n_classes=C, architecture=arch)
     method = "classifsae" if arch == "classif_topk" else "sae"
-    tcfg = TrainConfig.preset("quick", method=method, total_samples=BATCH * STEPS, batch_size=BATCH, lr=1e-2,
+    tcfg = TrainConfig.preset("quick", method=method, total_samples=BATCH * STEPS, batch_size=BATCH, lr=2e-2,
                               progress=False, device="cpu", **overrides)
     return train_sae(data.h, data.labels, scfg, tcfg)
 
