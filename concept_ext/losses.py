@@ -1,0 +1,190 @@
+"""Training losses of ClassifSAE and the plain TopK SAE (method.md sections 2.3, 2.7 and 8).
+
+v2:  L = lambda_mse * (L_mse + L_ghost [+ alpha * L_aux]) + lambda_ar * L_ar + lambda_cls * L_CE
+v1:  L = lambda_cls * L_CE + w(e) * (lambda_mse * L_mse + lambda_ar * L_ar + L_ghost'), with input noise
+     and the ghost ratio computed from lambda_mse * e (L_ghost' = lambda_mse * L_ghost up to the 1e-6).
+
+Every term is returned separately in :class:`LossTerms`. Everything works on the sparse code
+``(values, indices)``; only the |D| dead columns of the pre-activations are ever formed densely.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .config_sae import TrainConfig
+from .ops import activation_rate_loss, sparse_decode
+from .sae import TopKSAE
+
+__all__ = [
+    "LossTerms",
+    "LossOutput",
+    "reconstruction_error",
+    "mse_loss",
+    "classifier_loss",
+    "ghost_grad_loss",
+    "auxk_loss",
+    "sae_losses",
+]
+
+#: Added to the dense-batch normaliser and to the ghost-grad ratios (SAELens 3.13, method.md 2.3).
+EPS = 1e-6
+
+
+class LossTerms(NamedTuple):
+    """Loss terms of one batch (0-dim tensors). ``total`` is the weighted objective that is minimised."""
+
+    total: Tensor
+    """The weighted sum actually back-propagated."""
+    mse: Tensor
+    """L_mse, unweighted."""
+    ghost: Tensor
+    """L_ghost, unweighted (0 when no latent is dead or ghost grads are off)."""
+    auxk: Tensor
+    """L_aux of AuxK, unweighted (0 unless ``dead_latents='auxk'`` and some latent is dead)."""
+    ar: Tensor
+    """L_ar, unweighted."""
+    ce: Tensor
+    """L_CE on the LLM-predicted labels, unweighted (0 for the plain SAE)."""
+
+
+class LossOutput(NamedTuple):
+    """Losses and the forward results the trainer needs for its statistics."""
+
+    terms: LossTerms
+    """The loss terms."""
+    h_hat: Tensor
+    """``[B, d]`` reconstruction (original scale)."""
+    values: Tensor
+    """``[B, k]`` sparse code values."""
+    indices: Tensor
+    """``[B, k]`` sparse code latent ids."""
+    logits: Optional[Tensor]
+    """``[B, C]`` classifier logits, or None."""
+
+
+def reconstruction_error(pred: Tensor, target: Tensor, *, normalization: str = "dense_batch") -> Tensor:
+    """Element-wise normalised squared error ``e [B, d]``; the loss is ``e.sum(1).mean()``.
+
+    ``"dense_batch"``: ``(pred - target)^2 / (||target_i - mean(target)|| + 1e-6)`` (un-squared norm,
+    oddity 9). ``"fvu"``: ``(pred - target)^2 / mean_i ||target_i - mean(target)||^2``, so the loss is the
+    fraction of variance unexplained.
+    """
+    centred = (target - target.mean(0)).detach()  # the target carries no gradient in any use here
+    if normalization == "dense_batch":
+        denom = centred.norm(dim=1, keepdim=True) + EPS  # [B, 1]
+    elif normalization == "fvu":
+        denom = centred.pow(2).sum(1).mean().clamp_min(EPS)
+    else:
+        raise ValueError(f"normalization must be 'dense_batch' or 'fvu', got {normalization!r}")
+    return (pred - target).pow(2) / denom
+
+
+def mse_loss(e: Tensor) -> Tensor:
+    """L_mse = (1/B) sum_ij e_ij for the element-wise errors ``e [B, d]``."""
+    return e.sum(1).mean()
+
+
+def classifier_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """L_CE: mean cross-entropy of ``logits [B, C]`` against the LLM-predicted ``labels [B]``."""
+    return torch.nn.functional.cross_entropy(logits, labels.long())
+
+
+def ghost_grad_loss(
+    pre_dead: Tensor,  # [B, |D|] pre-activations of the dead latents (not detached)
+    W_dec_dead: Tensor,  # [|D|, d]
+    residual: Tensor,  # [B, d] r = h - h_hat
+    e: Tensor,  # [B, d] element-wise reconstruction errors of the main term
+    *,
+    normalization: str = "dense_batch",
+    ratio_scale: float = 1.0,
+) -> Tensor:
+    """Ghost-grad loss, SAELens 3.13 form (method.md 2.3).
+
+    ``g = exp(pre_dead) W_dec[D]``, rescaled (without gradient) to half the residual's norm; its
+    element-wise error against ``sg(r)`` is weighted by ``sg(ratio_scale * e / (e_g + 1e-6))`` and
+    averaged over the ``B*d`` elements. exp is not clamped (oddity 14).
+    """
+    r = residual.detach()
+    g = torch.exp(pre_dead) @ W_dec_dead  # [B, d]
+    g = g * (r.norm(dim=1) / (2 * g.norm(dim=1) + EPS)).detach()[:, None]
+    e_g = reconstruction_error(g, r, normalization=normalization)
+    ratio = (ratio_scale * e.detach() / (e_g + EPS)).detach()
+    return (ratio * e_g).mean()
+
+
+def auxk_loss(
+    pre_dead: Tensor,  # [B, |D|]
+    dead_idx: Tensor,  # [|D|] latent ids
+    W_dec: Tensor,  # [m, d]
+    err: Tensor,  # [B, d] e = x - x_hat in the normalised space
+    k_aux: int,
+) -> Tensor:
+    """AuxK (method.md 2.7): reconstruct ``sg(e)`` from the top-``k_aux`` dead pre-activations (ReLU,
+    no b_dec); ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch."""
+    e = err.detach()
+    top, pos = pre_dead.topk(k_aux, dim=1)  # [B, k_aux]
+    e_hat = sparse_decode(top.relu(), dead_idx[pos], W_dec, W_dec.new_zeros(W_dec.shape[1]))
+    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(EPS)
+
+
+def _add_noise(h: Tensor, frac: float, gen: Optional[torch.Generator]) -> Tensor:
+    # v1 input noise (method.md 8): N(0, (frac * sigma)^2) per dimension, sigma = biased batch std >= 1e-3.
+    sigma = h.std(0, unbiased=False).clamp_min(1e-3)
+    return h + torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype) * (frac * sigma)
+
+
+def sae_losses(
+    sae: TopKSAE,
+    h: Tensor,  # [B, d] cached hidden states
+    labels: Optional[Tensor],  # [B] LLM-predicted labels (ClassifSAE)
+    cfg: TrainConfig,
+    *,
+    dead_mask: Optional[Tensor] = None,  # [m] bool, dead set D before this step's update
+    stopgrad_class: bool = False,
+    loss_weight: float = 1.0,
+    noise_gen: Optional[torch.Generator] = None,
+) -> LossOutput:
+    """Forward pass and every loss term of one batch.
+
+    ``loss_weight`` is v1's decay w(e) (1 in v2). ``stopgrad_class`` selects the second-phase decoding.
+    """
+    classif = sae.cfg.architecture == "classif_topk"
+    h_in = _add_noise(h, cfg.input_noise, noise_gen) if cfg.input_noise > 0 else h
+    code = sae.encode(h_in)
+    h_hat = sae.decode(code.values, code.indices, code.scale, stopgrad_class=stopgrad_class)
+    e = reconstruction_error(h_hat, h, normalization=cfg.mse_normalization)
+    l_mse = mse_loss(e)
+    zero = h.new_zeros(())
+    l_ghost, l_aux = zero, zero
+    if dead_mask is not None and cfg.dead_latents != "none" and bool(dead_mask.any()):
+        dead_idx = torch.nonzero(dead_mask).squeeze(1)
+        # Pre-activations of the dead columns from the clean input (the first pass's values, method.md 2.3).
+        s_clean = code.scale if h_in is h else sae.input_scale(h)  # [B]
+        x_clean = h * s_clean[:, None]
+        pre_dead = sae.preactivations(x_clean, dead_idx)
+        if cfg.dead_latents == "ghost":
+            scale = cfg.lambda_mse if cfg.loss_version == "v1" else 1.0
+            l_ghost = ghost_grad_loss(pre_dead, sae.W_dec[dead_idx], h - h_hat, e,
+                                      normalization=cfg.mse_normalization, ratio_scale=scale)
+        else:
+            k_aux = min(sae.d // 2, dead_idx.numel())
+            x_hat = h_hat * s_clean[:, None]  # back to the normalised space
+            l_aux = auxk_loss(pre_dead, dead_idx, sae.W_dec, x_clean - x_hat, k_aux)
+    ar_values = code.values if cfg.lambda_ar != 0 else code.values.detach()
+    l_ar = activation_rate_loss(ar_values, code.indices, sae.m, cfg.target_rate)
+    logits = sae.classify(code.values, code.indices)
+    if classif:
+        if labels is None:
+            raise ValueError("labels (LLM-predicted classes) are required to train a ClassifSAE")
+        l_ce = classifier_loss(logits, labels)
+    else:
+        l_ce = zero
+    recon = cfg.lambda_mse * (l_mse + cfg.auxk_alpha * l_aux)
+    if cfg.loss_version == "v1":
+        total = cfg.lambda_cls * l_ce + loss_weight * (recon + cfg.lambda_ar * l_ar + l_ghost)
+    else:
+        total = recon + cfg.lambda_mse * l_ghost + cfg.lambda_ar * l_ar + cfg.lambda_cls * l_ce
+    return LossOutput(LossTerms(total, l_mse, l_ghost, l_aux, l_ar, l_ce), h_hat, code.values, code.indices, logits)

@@ -1,0 +1,359 @@
+"""SAE trainer (method.md sections 2.3-2.5): schedule, step order, data order, epoch switch, resume.
+
+Each step: (1) renormalise the decoder rows; (2) forward and losses, firing counters; (3) backward;
+(4) project grad W_dec orthogonally to the rows; (5) clip the gradient norm; (6) Adam step with the
+scheduled learning rate. Same seed => same weights on CPU; a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import FiringStats, checkpoint_name, load_checkpoint, save_checkpoint
+from .config_sae import SAEConfig, TrainConfig, resolve_device
+from .losses import LossOutput, sae_losses
+from .sae import TopKSAE, build_sae
+
+logger = logging.getLogger("concept_ext")
+
+__all__ = ["lr_at", "FiringTracker", "DataOrder", "EpochCounter", "TrainResult", "Trainer", "train_sae"]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based ``step`` (method.md 2.4).
+
+    ``"paper"``: cosine from lr to lr_end over the first T - decay_steps steps, then a linear tail
+    lr_end * (1 - i/decay_steps) (oddity 10: with T steps and decay_steps = 2 this gives lr_end at
+    T-2 and lr_end/2 at T-1). ``"cosine"``: lr_end + (lr - lr_end)(1 + cos(pi t / T))/2.
+    """
+    T = cfg.total_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        return cfg.lr_end + (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * step / T)) / 2
+    tail = min(cfg.decay_steps, T - 1)
+    main = T - tail
+    if step < main:
+        return cfg.lr_end + (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * step / main)) / 2
+    return cfg.lr_end * (1 - (step - main) / tail)
+
+
+class FiringTracker:
+    """Per-latent firing counts and steps-since-fired, updated from the sparse code (O(B k))."""
+
+    def __init__(self, m: int, device: Union[str, torch.device]) -> None:
+        self.counts = torch.zeros(m, dtype=torch.int64, device=device)  # [m]
+        self.steps_since = torch.zeros(m, dtype=torch.int64, device=device)  # [m]
+        self.samples_seen = 0
+
+    def dead_mask(self, window: int) -> Tensor:
+        """``[m]`` bool: latents that have not fired for more than ``window`` steps."""
+        return self.steps_since > window
+
+    def update(self, values: Tensor, indices: Tensor) -> None:
+        """Count positive entries of the code ``values/indices [B, k]`` (inactive when <= 0)."""
+        batch = torch.bincount(indices[values > 0], minlength=self.counts.numel())
+        self.counts += batch
+        self.steps_since += 1
+        self.steps_since[batch > 0] = 0
+        self.samples_seen += values.shape[0]
+
+    def stats(self) -> FiringStats:
+        return FiringStats(self.counts.clone(), self.steps_since.clone(), self.samples_seen)
+
+    def rates(self) -> Tensor:
+        """``[m]`` per-latent activation rate over the training sentences seen."""
+        return self.counts.double() / max(self.samples_seen, 1)
+
+
+class DataOrder:
+    """Batches of row ids from a fresh seeded permutation per pass, wrapping across passes (method.md 2.5).
+
+    The permutation of pass p is drawn from its own generator seeded from (seed, p), so the state is just
+    (pass, position).
+    """
+
+    def __init__(self, n: int, seed: int, device: Union[str, torch.device]) -> None:
+        self.n, self.seed, self.device = n, seed, device
+        self.pass_idx, self.pos = 0, 0
+        self._perm: Optional[Tensor] = None
+
+    def _permutation(self) -> Tensor:
+        if self._perm is None:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.pass_idx)
+            self._perm = torch.randperm(self.n, generator=gen).to(self.device)
+        return self._perm
+
+    def next(self, rows: int) -> Tensor:
+        """The next ``rows`` row ids ``[rows]``."""
+        parts = []
+        while rows > 0:
+            perm = self._permutation()
+            take = min(rows, self.n - self.pos)
+            parts.append(perm[self.pos:self.pos + take])
+            self.pos += take
+            rows -= take
+            if self.pos == self.n:
+                self.pass_idx, self.pos, self._perm = self.pass_idx + 1, 0, None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state(self) -> dict[str, int]:
+        return {"pass": self.pass_idx, "pos": self.pos}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.pass_idx, self.pos, self._perm = int(state["pass"]), int(state["pos"]), None
+
+
+class EpochCounter:
+    """The epoch counter of method.md 2.3: before each step add B; on reaching N_train, subtract it and
+    count an epoch. It decides the two-phase switch (and v1's decay)."""
+
+    def __init__(self, n_train: int) -> None:
+        self.n_train = n_train
+        self.count, self.epoch = 0, 0
+
+    def advance(self, batch_size: int) -> int:
+        """Account for one step of ``batch_size`` samples; returns the epoch for that step."""
+        self.count += batch_size
+        while self.count >= self.n_train:
+            self.count -= self.n_train
+            self.epoch += 1
+        return self.epoch
+
+
+class TrainResult(NamedTuple):
+    """Output of :meth:`Trainer.train`."""
+
+    sae: TopKSAE
+    """The trained module."""
+    history: list[dict[str, float]]
+    """Logged metrics, one dict per log step (loss terms, L0, explained variance, dead fraction, lr)."""
+    firing: FiringStats
+    """Firing statistics at the end."""
+    checkpoint: Optional[Path]
+    """The last checkpoint written, if any."""
+    steps: int
+    """Steps done so far (out of cfg.total_steps)."""
+
+
+class Trainer:
+    """Trains a :class:`TopKSAE`/:class:`ClassifSAE` on cached activations held on the device.
+
+    Args:
+        sae: the module (its config decides ClassifSAE vs plain SAE).
+        cfg: the recipe.
+        activations: ``[N, d]`` cached hidden states.
+        labels: ``[N]`` LLM-predicted labels (required for a ClassifSAE).
+        out_dir: where checkpoints go (none are written without it).
+        metadata: provenance recorded in checkpoints (model_id, hook_layer, class_names, ...).
+    """
+
+    def __init__(self, sae: TopKSAE, cfg: TrainConfig, activations: Tensor, labels: Optional[Tensor] = None, *,
+                 out_dir: Optional[Union[str, Path]] = None, metadata: Optional[dict[str, Any]] = None) -> None:
+        if activations.dim() != 2 or activations.shape[1] != sae.d:
+            raise ValueError(f"activations must have shape [N, d = {sae.d}], got {tuple(activations.shape)}")
+        if sae.cfg.architecture == "classif_topk":
+            if labels is None:
+                raise ValueError("labels (LLM-predicted classes, shape [N]) are required to train a ClassifSAE")
+        if labels is not None:
+            if labels.shape != (activations.shape[0],):
+                raise ValueError(f"labels must have shape [N = {activations.shape[0]}], got {tuple(labels.shape)}")
+            if sae.cfg.architecture == "classif_topk" and labels.numel() and (
+                    int(labels.min()) < 0 or int(labels.max()) >= sae.cfg.n_classes):
+                raise ValueError(f"labels must lie in [0, n_classes = {sae.cfg.n_classes})")
+        self.cfg = cfg
+        self.device = torch.device(resolve_device(cfg.device))
+        self.sae = sae.to(self.device)
+        self.h = activations.to(self.device, sae.W_enc.dtype)  # [N, d], held on the device
+        self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.metadata = dict(metadata or {})
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.firing = FiringTracker(sae.m, self.device)
+        self.order = DataOrder(self.n_train, cfg.seed, self.device)
+        self.step = 0
+        self.epochs = EpochCounter(self.n_train)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.history: list[dict[str, float]] = []
+        self._last_batch: tuple[Tensor, Optional[Tensor]] = (self.h[:0], None)
+        self.last_checkpoint: Optional[Path] = None
+
+    # --------------------------------------------------------------------------------------------
+
+    @property
+    def n_train(self) -> int:
+        return self.h.shape[0]
+
+    @property
+    def e_total(self) -> int:
+        """E_total = floor(total_samples / N_train) (at least 1)."""
+        return max(1, self.cfg.total_samples // self.n_train)
+
+    @property
+    def epoch(self) -> int:
+        """Current value of the epoch counter."""
+        return self.epochs.epoch
+
+    @property
+    def stopgrad_active(self) -> bool:
+        """Whether this step decodes from [sg(z_class), z_ctx] (v2 second phase)."""
+        c = self.cfg
+        applies = self.sae.cfg.architecture == "classif_topk" or c.stopgrad_plain_sae
+        return c.loss_version == "v2" and c.stopgrad_class and applies and self.epoch >= self.e_total // 2
+
+    def _rows(self) -> int:
+        if self.cfg.alternate_half_batches and self.step % 2 == 1:
+            return self.cfg.batch_size // 2  # oddity 19: 2000- and 1000-row batches alternate
+        return self.cfg.batch_size
+
+    def train_step(self) -> LossOutput:
+        """One optimisation step (method.md 2.4 order). Raises FloatingPointError on a non-finite loss."""
+        cfg, sae = self.cfg, self.sae
+        sae.normalize_decoder()  # (1)
+        self.epochs.advance(cfg.batch_size)  # counts B per step (nominal under oddity 19)
+        idx = self.order.next(self._rows())
+        h = self.h[idx]
+        labels = self.labels[idx] if self.labels is not None else None
+        self._last_batch = (h, labels)  # for the metrics of log steps
+        weight = 1.0
+        if cfg.loss_version == "v1" and sae.cfg.architecture == "classif_topk":
+            weight = max(0.0, 1.0 - self.epoch / self.e_total)  # v1 linear decay w(e)
+        dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
+        out = sae_losses(sae, h, labels, cfg, dead_mask=dead, stopgrad_class=self.stopgrad_active,
+                         loss_weight=weight, noise_gen=self.noise_gen)  # (2)
+        if not bool(torch.isfinite(out.terms.total)):
+            vals = {k: float(v.detach()) for k, v in out.terms._asdict().items()}
+            raise FloatingPointError(f"non-finite loss at step {self.step} (0-based): {vals}")
+        with torch.no_grad():
+            self.firing.update(out.values, out.indices)
+        self.opt.zero_grad(set_to_none=True)
+        out.terms.total.backward()  # (3)
+        if cfg.project_decoder_grad:
+            sae.project_decoder_grad()  # (4)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)  # (5)
+        lr = lr_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()  # (6)
+        self.step += 1
+        return out
+
+    @torch.no_grad()
+    def _metrics(self, out: LossOutput) -> dict[str, float]:
+        h, labels = self._last_batch
+        m = {f"loss/{k}": float(v) for k, v in out.terms._asdict().items()}
+        resid = (h - out.h_hat).pow(2).sum()
+        m["explained_variance"] = float(1 - resid / (h - h.mean(0)).pow(2).sum().clamp_min(1e-12))
+        m["l0"] = float((out.values > 0).sum(1).float().mean())
+        m["dead_fraction"] = float(self.firing.dead_mask(self.cfg.dead_window).float().mean())
+        m["lr"] = lr_at(self.step - 1, self.cfg)
+        m.update(step=float(self.step), epoch=float(self.epoch), stopgrad=float(self.stopgrad_active))
+        if out.logits is not None and labels is not None:
+            m["head_acc"] = float((out.logits.argmax(1) == labels).float().mean())
+        return m
+
+    def train(self, *, steps: Optional[int] = None) -> TrainResult:
+        """Run until cfg.total_steps (or ``steps`` more steps), logging and checkpointing on the way."""
+        cfg = self.cfg
+        stop = cfg.total_steps if steps is None else min(cfg.total_steps, self.step + steps)
+        run = self._wandb()
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress, desc="SAE", unit="step")
+        self.sae.train()
+        try:
+            while self.step < stop:
+                out = self.train_step()
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    metrics = self._metrics(out)
+                    self.history.append(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", ev=f"{metrics['explained_variance']:.3f}",
+                                    dead=f"{metrics['dead_fraction']:.3f}")
+                    logger.debug("step %d: %s", self.step, metrics)
+                    if run is not None:
+                        run.log(metrics, step=self.step)
+                bar.update(1)
+                every = cfg.checkpoint_every
+                done = self.step * cfg.batch_size
+                if self.out_dir is not None and every > 0 and done // every > (done - cfg.batch_size) // every:
+                    self.save(self.out_dir / checkpoint_name(done))
+            final = None if self.out_dir is None else self.out_dir / checkpoint_name(self.step * cfg.batch_size)
+            if final is not None and self.step == cfg.total_steps and self.last_checkpoint != final:
+                self.save(final)
+        finally:
+            bar.close()
+            if run is not None:
+                run.finish()
+        return TrainResult(self.sae, self.history, self.firing.stats(), self.last_checkpoint, self.step)
+
+    def _wandb(self) -> Any:
+        if not self.cfg.wandb:
+            return None
+        try:
+            import dataclasses
+
+            import wandb  # optional dependency
+
+            return wandb.init(project=self.cfg.wandb_project,
+                              config={"train": dataclasses.asdict(self.cfg), "sae": dataclasses.asdict(self.sae.cfg)})
+        except Exception as exc:  # noqa: BLE001 - wandb problems must never stop training
+            logger.warning("wandb logging disabled: %s", exc)
+            return None
+
+    # --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything beyond the weights needed for an exact resume."""
+        state = {
+            "step": self.step, "epoch": self.epochs.epoch, "sample_count": self.epochs.count,
+            "order": self.order.state(), "optimizer": self.opt.state_dict(),
+            "noise_rng": self.noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "samples_seen": self.firing.samples_seen,
+            "counts": self.firing.counts.cpu(), "steps_since": self.firing.steps_since.cpu(),
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.epochs.epoch, self.epochs.count = int(state["epoch"]), int(state["sample_count"])
+        self.order.load(state["order"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.noise_gen.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.firing.counts.copy_(state["counts"])
+        self.firing.steps_since.copy_(state["steps_since"])
+        self.firing.samples_seen = int(state["samples_seen"])
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write a checkpoint (with trainer state when cfg.save_trainer_state)."""
+        state = self.state_dict() if self.cfg.save_trainer_state else None
+        self.last_checkpoint = save_checkpoint(path, self.sae, train_cfg=self.cfg, firing=self.firing.stats(),
+                                               metadata=self.metadata, trainer_state=state)
+        logger.info("saved checkpoint %s (step %d)", self.last_checkpoint, self.step)
+        return self.last_checkpoint
+
+    @classmethod
+    def resume(cls, path: Union[str, Path], activations: Tensor, labels: Optional[Tensor] = None, *,
+               out_dir: Optional[Union[str, Path]] = None, cfg: Optional[TrainConfig] = None) -> "Trainer":
+        """A trainer restored from a checkpoint saved with trainer state; ``cfg`` defaults to the saved one
+        and ``out_dir`` to the checkpoint's parent folder."""
+        ck = load_checkpoint(path, expected_d=activations.shape[-1], load_trainer_state=True)
+        train_cfg = cfg or ck.train_cfg
+        if train_cfg is None:
+            raise ValueError(f"checkpoint {str(path)!r} has no TrainConfig; pass cfg=")
+        out = Path(path).parent if out_dir is None else out_dir
+        trainer = cls(ck.sae, train_cfg, activations, labels, out_dir=out, metadata=ck.metadata)
+        trainer.load_state_dict(ck.trainer_state)
+        return trainer
+
+
+def train_sae(activations: Tensor, labels: Optional[Tensor], sae_cfg: SAEConfig, cfg: TrainConfig, *,
+              out_dir: Optional[Union[str, Path]] = None, metadata: Optional[dict[str, Any]] = None) -> TrainResult:
+    """Build the SAE of ``sae_cfg`` and train it on ``activations [N, d]`` (and ``labels [N]``)."""
+    trainer = Trainer(build_sae(sae_cfg), cfg, activations, labels, out_dir=out_dir, metadata=metadata)
+    return trainer.train()
