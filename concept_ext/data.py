@@ -155,9 +155,11 @@ def _validate(texts: Sequence, labels: Sequence, n_classes: int, where: str) -> 
         if not isinstance(t, str) or not t.strip():
             raise DataError(f"{where}: row {i} has an empty or missing text ({t!r})")
         out_t.append(t)
-    lab = np.asarray(labels)
+    lab = np.asarray(labels, dtype=object)
     for i, y in enumerate(lab):
-        if y is None or (isinstance(y, float) and not np.isfinite(y)) or int(y) != y or not 0 <= int(y) < n_classes:
+        y = y.item() if isinstance(y, np.generic) else y
+        ok = isinstance(y, (int, float)) and not isinstance(y, bool) and np.isfinite(y) and int(y) == y
+        if not ok or not 0 <= int(y) < n_classes:
             raise DataError(f"{where}: row {i} has label {y!r}, outside 0..{n_classes - 1}")
     return out_t, lab.astype(np.int64)
 
