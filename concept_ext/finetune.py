@@ -198,7 +198,7 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
             else:
                 opt.step()
             sched.step()
-            res.losses.append(float(loss))
+            res.losses.append(float(loss.detach()))
             done = step + 1
             if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 _save_checkpoint(out, done, model, opt, sched, scaler, res.losses, cfg)
