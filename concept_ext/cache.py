@@ -67,7 +67,8 @@ class ActivationCache(NamedTuple):
     class_names: list[str]
     """Prompt class names in label order."""
     meta: dict
-    """The manifest (key, cache_id, sizes, spot-check result)."""
+    """The manifest (key, cache_id, sizes, shards), ``truncated`` (bool [N]: text cut by truncation) and
+    ``spot_check_max_abs_err`` when a spot check ran."""
 
 
 @dataclass
@@ -209,7 +210,7 @@ def spot_check(cache: ActivationCache, clf: Classifier, *, rows: int = 4, atol: 
     with the stored logits. Returns the max abs error; raises :class:`CacheError` beyond tolerance."""
     from .tail import ContextTail
 
-    trunc = cache.meta.get("_truncated")
+    trunc = cache.meta.get("truncated")
     cand = [i for i in range(len(cache.texts)) if trunc is None or not bool(trunc[i])]
     if not cand:
         return 0.0
@@ -269,7 +270,7 @@ def load_cache(cache_dir: str | os.PathLike, *, expect_key: dict | None = None, 
         for k in parts:
             parts[k].append(t[k])
     meta = dict(man)
-    meta["_truncated"] = torch.cat(parts["truncated"]).bool()
+    meta["truncated"] = torch.cat(parts["truncated"]).bool()
     cache = ActivationCache(torch.cat(parts["h"]).float(), torch.cat(parts["logits"]).float(), torch.cat(parts["pred"]),
                             torch.cat(parts["label"]), texts, list(man["class_names"]), meta)
     if classifier is not None:

@@ -118,9 +118,12 @@ class Classifier:
         """Pad ids and build input_ids, attention_mask, position_ids [B, T] and decision positions [B]."""
         input_ids, mask = pad_batch(ids, pad_id=self.pad_id, side=self.padding_side)
         dev = self.device
+        pos = decision_positions(mask, kind=self.kind)
+        if self.kind == "decoder" and self.padding_side == "left" and not bool((pos == mask.shape[1] - 1).all()):
+            raise AssertionError("left padding: the decision token must be the last position")
         return {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev),
                 "position_ids": position_ids_from_mask(mask).to(dev),
-                "positions": decision_positions(mask, kind=self.kind).to(dev)}
+                "positions": pos.to(dev)}
 
     def forward_batch(self, b: dict[str, Tensor], *, hidden: bool = True) -> ClassifierOutput:
         """Label logits [B, C] and (optionally) h [B, D] for a batch from :meth:`batch`. Differentiable."""

@@ -75,14 +75,14 @@ def encode_texts(tokenizer, texts: Sequence[str], class_names: Sequence[str], cf
     if cfg.strip_html:
         texts = [_BR.sub(" ", t) for t in texts]
     if kind == "encoder":
-        side = cfg.truncation_side if cfg.truncation_side == "right" else "right"  # keep [CLS] first
+        # Encoders always cut the end: [CLS] (the decision token) must stay first.
         enc = tokenizer(list(texts), truncation=True, max_length=limit, return_offsets_mapping=True)
         ids, seen, cut = [], [], []
         for t, row, offs in zip(texts, enc["input_ids"], enc["offset_mapping"]):
             ids.append(list(row))
             ends = [e for s, e in offs if e > 0]
             end = max(ends) if ends else 0
-            seen.append(t[:end] if side == "right" else t)
+            seen.append(t[:end])
             cut.append(end < len(t.rstrip()))
         return EncodedTexts(ids, seen, cut)
     if kind != "decoder":

