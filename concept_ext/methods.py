@@ -41,10 +41,11 @@ def _sae_configs(p: "Pipeline", method: str, seed: int):
 
 
 def _selection_inputs(p: "Pipeline"):
-    from .select import selection_data
-
-    train, test = p.load_split("train"), p.load_split("test")
-    return selection_data(p.cfg.baselines.select, train=(train.h, train.pred), test=(test.h, test.label))
+    """(h, labels) for the probe and the segmentation: the train split with the LLM-predicted labels by
+    default; ``baselines.select`` can switch to the test split and/or ground-truth labels (oddity 4)."""
+    sel = p.cfg.baselines.select
+    split = p.load_split("test" if sel.selection_split == "test" else "train")
+    return split.h, (split.label if sel.selection_labels == "ground_truth" else split.pred)
 
 
 def load_sae(fit_dir: Path, device: str):
@@ -81,14 +82,21 @@ def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, An
         if method == "ClassifSAE":
             model = SAEConcepts(res.sae, selection="truncation", n_select=p.cfg.sae.n_concepts)
         else:
-            model = SAEConcepts(res.sae, selection="probe", n_select=p.cfg.sae.n_concepts,
-                                probe=p.cfg.baselines.probe)
+            probe = dataclasses.replace(p.cfg.baselines.probe, n_select=p.cfg.sae.n_concepts)
+            model = SAEConcepts(res.sae, selection="probe", n_select=p.cfg.sae.n_concepts, probe=probe)
             sel_h, sel_y = _selection_inputs(p)
+            if int(torch.unique(sel_y).numel()) < 2:
+                raise ValueError(
+                    "SAE probe selection needs at least two classes among the selection labels, but the "
+                    f"classifier predicts only class {int(sel_y[0])} on the selection split: fine-tune it longer "
+                    "(--set finetune.steps=...) or use ground-truth labels (--set baselines.select.selection_labels=ground_truth)")
             model.fit(sel_h, labels=sel_y)
     else:
         key = _BASELINE_KEYS[method]
-        cfg = dataclasses.replace(getattr(p.cfg.baselines, key), seed=seed) if hasattr(
-            getattr(p.cfg.baselines, key), "seed") else getattr(p.cfg.baselines, key)
+        n = p.cfg.sae.n_concepts  # |F| is the same for every method (the paper: 20)
+        cfg = getattr(p.cfg.baselines, key)
+        cfg = (dataclasses.replace(cfg, n_components=n, random_state=seed) if method == "ICA"
+               else dataclasses.replace(cfg, n_concepts=n, seed=seed))
         model = make_concept_model(key, cfg)
         tail = None
         if method != "ICA":

@@ -84,15 +84,21 @@ class Pipeline:
             logger.info("stage %s: up to date, skipped", name)
             self.timings[name] = rec.seconds
             return rec
-        if rec is not None:
-            (stage_dir / runstate.RECORD).unlink(missing_ok=True)  # outputs are being redone
+        pending = stage_dir / "stage.pending"
+        started = pending.read_text().strip() if pending.is_file() else None
+        if rec is not None or (started is not None and started != fp) or kind in self.force:
+            # Outputs of other inputs (or forced): start clean. A stage interrupted with the *same*
+            # inputs keeps its partial outputs, so caching and SAE training resume inside the stage.
+            shutil.rmtree(stage_dir, ignore_errors=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         runstate.clean_stale_tmp(stage_dir)
+        runstate.atomic_write_text(pending, fp)
         logger.info("stage %s: running", name)
         t0 = time.perf_counter()
         extra = fn(stage_dir)
         rec = runstate.StageRecord(stage=name, fingerprint=fp, seconds=time.perf_counter() - t0, extra=extra)
         runstate.write_record(stage_dir, rec)
+        pending.unlink(missing_ok=True)
         self.timings[name] = rec.seconds
         return rec
 
