@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -262,13 +263,10 @@ def load_cache(cache_dir: str | os.PathLike, *, expect_key: dict | None = None, 
         path = d / entry["file"]
         if verify and sha256_file(path) != entry["sha256"]:
             raise CacheError(f"{path}: SHA-256 does not match the manifest (corrupted or half-written shard)")
-        t = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             texts += json.loads(f.metadata()["texts"])
-        for k in parts:
-            parts[k].append(t[k])
+            for k in parts:
+                parts[k].append(f.get_tensor(k))
     meta = dict(man)
     meta["truncated"] = torch.cat(parts["truncated"]).bool()
     cache = ActivationCache(torch.cat(parts["h"]).float(), torch.cat(parts["logits"]).float(), torch.cat(parts["pred"]),

@@ -11,6 +11,7 @@ one-at-a-time predictions for either padding side.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import NamedTuple, Sequence
 
@@ -131,11 +132,7 @@ class Classifier:
         layer = self.resolved.layers[self.layer]
         inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
         store: dict = {}
-        if hidden:
-            ctx = capture_resid_pre(layer, pos, store=store)
-        else:
-            import contextlib
-            ctx = contextlib.nullcontext()
+        ctx = capture_resid_pre(layer, pos, store=store) if hidden else contextlib.nullcontext()
         with ctx:
             if self.kind == "decoder":
                 out = self.model.base_model(**inputs, use_cache=False)

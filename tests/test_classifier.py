@@ -2,8 +2,6 @@
 for either padding side, encoders on [CLS], the family resolver and backbone loading errors."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from conftest import make_tiny_neox, needs_shared
