@@ -88,7 +88,8 @@ class RunConfig:
     """Training presets: ``quick`` (minutes on a 2-core CPU), ``paper-v2`` (v2 recipe) or ``v1``."""
     reference_quirks: bool = False
     """Reproduce the reference code's oddities where cheap (method.md section 9)."""
-    finetune: FineTuneConfig = field(default_factory=lambda: FineTuneConfig.preset("quick"))
+    finetune: FineTuneConfig = field(
+        default_factory=lambda: FineTuneConfig.preset("quick", steps=150, batch_size=16, lr=5e-5))
     """Fine-tuning of the backbone into a classifier (``steps = 0`` uses the backbone as it is)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """The one-pass activation cache."""
