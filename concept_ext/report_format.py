@@ -1,0 +1,114 @@
+"""Cell formatting for the run report (concept_ext.report): numbers, multi-seed "mean ± std" summaries,
+dotted look-ups in a method's results, and markdown-table escaping.
+
+A value may be a plain number, ``None`` (printed "—"), a summary ``{"mean": x, "std": y}``, or a list of
+per-seed numbers (summarised with the sample standard deviation).
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from typing import Any, Optional, Sequence
+
+__all__ = ["DASH", "fmt", "summarize", "number", "lookup", "cell", "table", "slug", "is_num"]
+
+DASH = "—"
+"""What a missing value prints as."""
+
+
+def is_num(x: Any) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def fmt(value: Any, *, digits: int = 3) -> str:
+    """One table cell: None/NaN -> "—"; ``{"mean", "std"}`` or a list of per-seed numbers ->
+    "mean ± std"; floats with ``digits`` decimals; ints, bools and strings as they are."""
+    if value is None:
+        return DASH
+    if isinstance(value, dict):
+        if "mean" not in value:
+            return DASH
+        mean, std = value.get("mean"), value.get("std")
+        if not is_num(mean) or not math.isfinite(mean):
+            return DASH
+        if not is_num(std) or not math.isfinite(std):
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        nums = [float(v) for v in value if is_num(v) and math.isfinite(v)]
+        if not nums:
+            return DASH
+        return fmt(summarize(nums), digits=digits)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else DASH
+    return str(value)
+
+
+def summarize(values: Sequence[float]) -> dict[str, Optional[float]]:
+    """``{"mean", "std", "n"}`` of per-seed values (sample std, ddof = 1; None for a single seed)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals)}
+
+
+def number(value: Any) -> Optional[float]:
+    """The plain float behind a cell value (the mean of a summary), or None."""
+    if isinstance(value, dict):
+        value = value.get("mean")
+    elif isinstance(value, (list, tuple)) and value and all(is_num(v) for v in value):
+        value = statistics.fmean(value)
+    return float(value) if is_num(value) and math.isfinite(value) else None
+
+
+def lookup(method: dict, path: str, default: Any = None) -> Any:
+    """The value at a dotted ``path`` of a method entry (list indices allowed); a multi-seed entry in
+    ``method["seeds"][path]`` takes precedence."""
+    seeds = method.get("seeds") if isinstance(method, dict) else None
+    if isinstance(seeds, dict) and path in seeds:
+        s = seeds[path]
+        if isinstance(s, (list, tuple)):
+            return summarize([v for v in s if is_num(v)])
+        return s
+    cur: Any = method
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part)
+        elif (isinstance(cur, (list, tuple)) and re.fullmatch(r"-?\d+", part)
+              and -len(cur) <= int(part) < len(cur)):
+            cur = cur[int(part)]
+        else:
+            return default
+        if cur is None:
+            return default
+    return cur
+
+
+def cell(text: Any, *, limit: Optional[int] = None) -> str:
+    """Text made safe for a markdown table cell: one line, pipes and HTML escaped, truncated."""
+    s = " ".join(str(text).split())  # newlines and runs of blanks -> one space
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 1].rstrip() + "…"
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left: Sequence[int] = (0,)) -> list[str]:
+    """A markdown table (cells already formatted); columns in ``left`` align left, the others right."""
+    rule = ["---" if i in left else "--:" for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a method name."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "method"
