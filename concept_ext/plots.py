@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: the report is built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.patheffects  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -183,17 +184,20 @@ def plot_class_heatmap(
         raise ValueError(f"means must be a non-empty [C][|F|] table, got shape {m.shape}")
     n_cls, n_f = m.shape
     fig, ax = plt.subplots(figsize=(min(2.0 + 0.55 * n_f, 16), 1.6 + 0.55 * n_cls))
-    lo, hi = np.nanmin(m), np.nanmax(m)
-    if lo < 0 < hi:  # ICA sources are signed: a diverging map centred on 0
-        lim = max(-lo, hi)
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    # Concepts live on different scales: colour each column relative to its largest |mean| so that the
+    # class a concept prefers stands out; the printed numbers stay raw.
+    scale = np.nanmax(np.abs(m), axis=0, initial=0.0)  # [|F|]
+    colour = m / np.where(scale > 0, scale, 1.0)
+    signed = bool(np.nanmin(m) < 0)
+    if signed:  # ICA sources are signed: a diverging map centred on 0
+        im = ax.imshow(colour, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     else:
-        im = ax.imshow(m, cmap="viridis", aspect="auto")
+        im = ax.imshow(colour, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     if n_f * n_cls <= 200:  # numbers only where they stay legible
         for c in range(n_cls):
             for f in range(n_f):
                 if np.isfinite(m[c, f]):
-                    r, g, b, _ = im.cmap(im.norm(m[c, f]))
+                    r, g, b, _ = im.cmap(im.norm(colour[c, f]))
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # perceived luminance of the cell
                     ax.text(f, c, f"{m[c, f]:.2g}", ha="center", va="center", fontsize=7,
                             color="white" if dark else "black")
@@ -202,10 +206,11 @@ def plot_class_heatmap(
             ax.add_patch(plt.Rectangle((f - 0.5, int(c) - 0.5), 1, 1, fill=False, ec="k", lw=2))
     names = [str(c) for c in class_names][:n_cls]
     ax.set_yticks(range(n_cls), names + [f"class {i}" for i in range(len(names), n_cls)])
-    ax.set_xticks(range(n_f), list(concept_labels)[:n_f], rotation=60 if n_f > 8 else 0, fontsize=8)
+    ticks = [str(t) for t in concept_labels][:n_f] + [f"#{j}" for j in range(len(concept_labels), n_f)]
+    ax.set_xticks(range(n_f), ticks, rotation=60 if max(map(len, ticks)) * n_f > 60 else 0, fontsize=8)
     ax.set_xlabel("selected concept (boxed: its class segment)")
     ax.set_title(title or "Mean activation per class")
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="mean activation")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="mean activation\n/ max |mean| of the concept")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -221,7 +226,7 @@ def plot_decoder_pca(
 ) -> Path:
     """2-D PCA of all decoder directions (grey); selected concepts coloured by class segment and labelled."""
     xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    fig, ax = plt.subplots(figsize=(7.6, 5.2))
     ax.scatter(xy[:, 0], xy[:, 1], s=6, color="0.75", label=f"all {len(xy)} directions", zorder=1)
     cmap = plt.get_cmap(_CLASS_CMAP)
     seg = list(segmentation or [])
@@ -236,11 +241,12 @@ def plot_decoder_pca(
         ax.scatter(*xy[int(j)], s=46, color=color, edgecolor="k", zorder=3,
                    label=None if name in shown else name)
         shown.add(name)
-        ax.annotate(str(int(j)), xy[int(j)], xytext=(4, 4), textcoords="offset points", fontsize=8, zorder=4)
+        ax.annotate(str(int(j)), xy[int(j)], xytext=(4, 4), textcoords="offset points", fontsize=8, zorder=4,
+                    path_effects=[matplotlib.patheffects.withStroke(linewidth=2.5, foreground="white")])
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title or "Decoder directions (PCA)")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -282,7 +288,9 @@ def plot_wordcloud(
     max_size: float = 30.0,
 ) -> Path:
     """A word cloud of a concept's top TF-IDF terms: font size linear in weight / max weight."""
-    pairs = [(str(t), float(w)) for t, w in zip(terms, weights) if w is not None and math.isfinite(float(w))]
+    # Phrase tokens come joined by "_" (method.md 6.7): show them as words.
+    pairs = [(str(t).replace("_", " "), float(w)) for t, w in zip(terms, weights)
+             if w is not None and math.isfinite(float(w))]
     pairs = sorted(pairs, key=lambda p: (-p[1], p[0]))[:max_terms]
     fig = plt.figure(figsize=(4.8, 2.9))
     ax = fig.add_axes((0, 0, 1, 0.88))

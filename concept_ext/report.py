@@ -3,10 +3,11 @@ that the pipeline also writes to ``metrics.json`` (method.md 6.8 for the headlin
 
 ``write_report(run_dir, results)`` is the entry point; ``python -m concept_ext.report RUN_DIR`` rebuilds
 the report of a finished run from its ``metrics.json``. Every optional key may be missing; ``None`` prints
-as "—". Any number may also be given as ``{"mean": x, "std": y}`` (a multi-seed summary), and a method's
-``"seeds"`` entry may map a dotted path inside the method (``"protocols.tail.completeness.racc"``,
-``"interpret.sentence_sim.sentence_sim.0"``) to per-seed values or to such a summary; those cells then
-print "mean ± std".
+as "—". Any number may also be given as ``{"mean": x, "std": y}`` (a multi-seed summary). A method's
+``"seeds"`` entry may either map a dotted path inside the method (``"protocols.tail.completeness.racc"``,
+``"interpret.sentence_sim.sentence_sim.0"``) to per-seed values or to such a summary, or hold one whole
+method entry per seed (a list, or a dict seed -> entry); those cells then print "mean ± std" (sample
+standard deviation). See ``report_format.lookup``.
 
 The write is atomic: figures and markdown are produced in a temporary folder inside ``run_dir``, the
 figures are moved into ``figures/`` and ``report.md`` replaces the old one last, so a failing figure

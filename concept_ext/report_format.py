@@ -68,16 +68,8 @@ def number(value: Any) -> Optional[float]:
     return float(value) if is_num(value) and math.isfinite(value) else None
 
 
-def lookup(method: dict, path: str, default: Any = None) -> Any:
-    """The value at a dotted ``path`` of a method entry (list indices allowed); a multi-seed entry in
-    ``method["seeds"][path]`` takes precedence."""
-    seeds = method.get("seeds") if isinstance(method, dict) else None
-    if isinstance(seeds, dict) and path in seeds:
-        s = seeds[path]
-        if isinstance(s, (list, tuple)):
-            return summarize([v for v in s if is_num(v)])
-        return s
-    cur: Any = method
+def _walk(obj: Any, path: str) -> Any:
+    cur = obj
     for part in path.split("."):
         if isinstance(cur, dict):
             cur = cur.get(part)
@@ -85,10 +77,42 @@ def lookup(method: dict, path: str, default: Any = None) -> Any:
               and -len(cur) <= int(part) < len(cur)):
             cur = cur[int(part)]
         else:
-            return default
+            return None
         if cur is None:
-            return default
+            return None
     return cur
+
+
+def _per_seed_entries(seeds: Any) -> list[dict]:
+    """The per-seed method entries when ``seeds`` holds whole method results (a list of them, or a dict
+    seed -> entry), else []."""
+    entries = list(seeds.values()) if isinstance(seeds, dict) else seeds if isinstance(seeds, list) else []
+    if entries and all(isinstance(e, dict) and ("protocols" in e or "interpret" in e) for e in entries):
+        return entries
+    return []
+
+
+def lookup(method: dict, path: str, default: Any = None) -> Any:
+    """The value at a dotted ``path`` of a method entry (list indices allowed), or ``default``.
+
+    Multi-seed results take precedence, in either of two shapes: ``method["seeds"][path]`` holds the
+    per-seed values (or a ``{"mean", "std"}`` summary), or ``method["seeds"]`` holds one whole method
+    entry per seed (a list, or a dict seed -> entry), whose numbers at ``path`` are summarised.
+    """
+    seeds = method.get("seeds") if isinstance(method, dict) else None
+    if isinstance(seeds, dict) and path in seeds:
+        s = seeds[path]
+        if isinstance(s, (list, tuple)):
+            return summarize([v for v in s if is_num(v) and math.isfinite(v)])
+        return s
+    per_seed = _per_seed_entries(seeds)
+    if per_seed:
+        vals = [number(_walk(e, path)) for e in per_seed]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            return summarize(vals)
+    cur = _walk(method, path)
+    return default if cur is None else cur
 
 
 def cell(text: Any, *, limit: Optional[int] = None) -> str:

@@ -120,6 +120,9 @@ def minimal_results() -> dict:
                                                   "segment": None}},
                            "interpret": {"concept_sim": {"weighted": None}}},
             "ICA": {"n_selected": 1, "protocols": {"tail": {"completeness": {"racc": 0.5, "ceiling": 0.9}}}},
+            "SAE": {"n_selected": 0, "selected": [], "class_concept_means": [[], []], "act_values": [],
+                    "decoder_pca": [[0.0, 1.0], [1.0, 0.0]], "interpret": {"tfidf": {"terms": [], "scores": []}},
+                    "protocols": {"tail": {"completeness": {"racc": None, "ceiling": 0.9, "act_rates": []}}}},
         },
     }
 
@@ -213,10 +216,11 @@ def test_every_linked_figure_is_a_png(full_report):
 
 def test_minimal_results_do_not_crash(tmp_path):
     text = write_report(tmp_path, minimal_results()).read_text(encoding="utf-8")
-    assert "| metric | ICA | ClassifSAE |" in text
-    assert _row(text, "RAcc") == ["0.500 (ceiling 0.900)", "0.750"]
-    assert _row(text, "Δf_cond") == ["—", "—"]
-    assert _row(text, "TVD_cond") == ["—", "0.050"]
+    assert "| metric | ICA | SAE | ClassifSAE |" in text
+    assert _row(text, "RAcc") == ["0.500 (ceiling 0.900)", "—", "0.750"]
+    assert _row(text, "Δf_cond") == ["—", "—", "—"]
+    assert _row(text, "TVD_cond") == ["—", "—", "0.050"]
+    assert _row(text, "\\|F\\|") == ["1", "0", "2"]
     assert "in-context" not in text
     assert "train accuracy — on — sentences" in text
     for link in _links(text):
@@ -235,9 +239,9 @@ def test_mean_std_cells(tmp_path):
     cs["seeds"] = {"interpret.concept_sim.weighted": [0.1, 0.2, 0.3],
                    "protocols.tail.conditional.tvd_cond": {"mean": 0.04, "std": 0.005}}
     text = write_report(tmp_path, results).read_text(encoding="utf-8")
-    assert _row(text, "RAcc")[1] == "0.900 ± 0.012 (ceiling 0.990)"
-    assert _row(text, "ConceptSim (weighted)")[1] == "0.200 ± 0.100"
-    assert _row(text, "TVD_cond")[1] == "0.040 ± 0.005"
+    assert _row(text, "RAcc")[2] == "0.900 ± 0.012 (ceiling 0.990)"
+    assert _row(text, "ConceptSim (weighted)")[2] == "0.200 ± 0.100"
+    assert _row(text, "TVD_cond")[2] == "0.040 ± 0.005"
 
 
 @pytest.mark.parametrize("value,kwargs,expected", [
@@ -248,6 +252,18 @@ def test_mean_std_cells(tmp_path):
 ])
 def test_fmt(value, kwargs, expected):
     assert fmt(value, **kwargs) == expected
+
+
+def test_per_seed_method_entries(tmp_path):
+    results = minimal_results()
+    runs = []
+    for racc, tvd in ((0.70, 0.02), (0.80, 0.04), (0.90, None)):
+        runs.append({"protocols": {"tail": {"completeness": {"racc": racc},
+                                            "conditional": {"tvd_cond": tvd}}}})
+    results["methods"]["ICA"]["seeds"] = {"0": runs[0], "1": runs[1], "2": runs[2]}
+    text = write_report(tmp_path, results).read_text(encoding="utf-8")
+    assert _row(text, "RAcc")[0] == "0.800 ± 0.100 (ceiling 0.900)"
+    assert _row(text, "TVD_cond")[0] == f"0.030 ± {math.sqrt(2) * 0.01:.3f}"
 
 
 def test_lookup_paths_and_seed_override():
