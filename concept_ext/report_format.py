@@ -7,9 +7,12 @@ per-seed numbers (summarised with the sample standard deviation).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import statistics
 from typing import Any, Optional, Sequence
+
+import numpy as np
 
 __all__ = ["DASH", "fmt", "summarize", "number", "lookup", "cell", "table", "slug", "is_num"]
 
@@ -18,8 +21,8 @@ DASH = "—"
 
 
 def is_num(x: Any) -> bool:
-    """True for an int or float that is not a bool."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """True for a real number (Python or NumPy) that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def fmt(value: Any, *, digits: int = 3) -> str:
@@ -41,12 +44,12 @@ def fmt(value: Any, *, digits: int = 3) -> str:
         if not nums:
             return DASH
         return fmt(summarize(nums), digits=digits)
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else DASH
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return f"{float(value):.{digits}f}" if math.isfinite(value) else DASH
     return str(value)
 
 

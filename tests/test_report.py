@@ -8,6 +8,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from concept_ext import plots, report
@@ -121,7 +122,8 @@ def minimal_results() -> dict:
                            "interpret": {"concept_sim": {"weighted": None}}},
             "ICA": {"n_selected": 1, "protocols": {"tail": {"completeness": {"racc": 0.5, "ceiling": 0.9}}}},
             "SAE": {"n_selected": 0, "selected": [], "class_concept_means": [[], []], "act_values": [],
-                    "decoder_pca": [[0.0, 1.0], [1.0, 0.0]], "interpret": {"tfidf": {"terms": [], "scores": []}},
+                    "decoder_pca": [[0.0, 1.0], [1.0, 0.0]],
+                    "interpret": {"tfidf": {"terms": [], "scores": []}},
                     "protocols": {"tail": {"completeness": {"racc": None, "ceiling": 0.9, "act_rates": []}}}},
         },
     }
@@ -249,6 +251,7 @@ def test_mean_std_cells(tmp_path):
     (7, {}, "7"), (True, {}, "yes"), ("tail", {}, "tail"), ({"mean": 0.5, "std": 0.25}, {}, "0.500 ± 0.250"),
     ({"mean": 0.5}, {}, "0.500"), ({"mean": None, "std": 1.0}, {}, "—"), ({"std": 1.0}, {}, "—"),
     ([1.0, 2.0, 3.0], {"digits": 2}, "2.00 ± 1.00"), ([4.0], {}, "4.000"), ([], {}, "—"),
+    (np.int64(3), {}, "3"), (np.float32(0.25), {}, "0.250"), (np.bool_(False), {}, "no"),
 ])
 def test_fmt(value, kwargs, expected):
     assert fmt(value, **kwargs) == expected
