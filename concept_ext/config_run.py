@@ -240,7 +240,16 @@ def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (read from its source with ``ast``)."""
+    """The docstring written under each field of a dataclass and its dataclass bases (read from the
+    source with ``ast``; a subclass's docstring wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
