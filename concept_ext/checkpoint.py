@@ -57,6 +57,10 @@ class FiringStats(NamedTuple):
     samples_seen: int
     """Training sentences seen when these were recorded (denominator of activation rates)."""
 
+    def rates(self) -> Tensor:
+        """``[m]`` float64 per-latent activation rate over the training sentences seen."""
+        return self.counts.double() / max(self.samples_seen, 1)
+
 
 class Checkpoint(NamedTuple):
     """A loaded checkpoint."""

@@ -64,6 +64,8 @@ def test_topk_sae_recovers_planted_directions(data):
     log.warning("TopK SAE: fraction of planted directions recovered with cosine > 0.9: %.3f", frac)
     assert frac >= 0.8
     assert res.history[-1]["explained_variance"] > 0.9 and res.history[-1]["l0"] <= K
+    rates = res.firing.rates()  # [M], every sentence fires at most K latents
+    assert rates.shape == (M,) and abs(float(rates.sum()) - K) < 1e-6 * K + 0.05
 
 
 def test_classifsae_head_and_class_latents(data, classif):
