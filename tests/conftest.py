@@ -1,14 +1,99 @@
-"""Shared test setup: offline hub settings, a fixed thread count, the tests folder on sys.path."""
+"""Shared fixtures of the classifier-side tests: offline env, threads, seeding, tiny models, data paths.
+
+* ``tiny_neox``: a random GPT-NeoX causal LM from ``../shared/models/pythia-configs/pythia-14m`` shrunk to
+  hidden 32, 2 layers, 4 heads, MLP 64 (offline.md 2.3) with the real Pythia tokenizer;
+* ``tiny_bert``: a random 2-layer BERT sequence classifier with an in-memory WordPiece vocabulary;
+* ``shared_data``: ``../shared/data``.
+"""
 from __future__ import annotations
 
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(__file__))  # tests/samples.py, tests/dense_oracles.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared").resolve()
+PYTHIA_14M = SHARED / "models" / "pythia-configs" / "pythia-14m"
+PYTHIA_TOKENIZER = SHARED / "models" / "pythia-tokenizer"
+TINY_NEOX = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1)
+
+needs_shared = pytest.mark.skipif(not PYTHIA_14M.is_dir() or not (SHARED / "data").is_dir(),
+                                  reason="../shared (configs, tokenizer, data) not present")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def pythia_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(PYTHIA_TOKENIZER))
+
+
+def make_tiny_neox(tokenizer=None, seed: int = 0):
+    """A fresh tiny GPT-NeoX backbone (random init, seeded)."""
+    from concept_ext.backbones import load_backbone
+
+    return load_backbone(f"config:{PYTHIA_14M}", config_overrides=TINY_NEOX, tokenizer=tokenizer, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(pythia_tokenizer):
+    """Session-wide tiny GPT-NeoX backbone; tests must not modify its weights."""
+    return make_tiny_neox(pythia_tokenizer)
+
+
+def _bert_tokenizer(tmp: Path):
+    from transformers import BertTokenizerFast
+
+    words = ("the a an of to and is in it for on with this that was movie film good bad great news "
+             "world sports business game team stock market market price company new win lost").split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase) + list(string.digits)
+    vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,!?'\"-:;()@#/&<>")
+    vocab += sorted(set(words))
+    path = tmp / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+
+
+def make_tiny_bert(tmp: Path, num_labels: int = 4, seed: int = 0):
+    """A fresh 2-layer random BERT classifier with a small WordPiece tokenizer."""
+    from transformers import BertConfig
+
+    from concept_ext.backbones import load_backbone
+
+    tok = _bert_tokenizer(tmp)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return load_backbone(cfg, tokenizer=tok, num_labels=num_labels, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("bert"))

@@ -1,0 +1,224 @@
+"""Fine-tuning the classifier: C-way cross-entropy on the restricted label logits (method.md 1.3-1.4).
+
+Decoders train on the label-token logits at the last prompt position, encoders on their [CLS] head.
+Batches are length-bucketed; mixed precision only on CUDA; AdamW (bitsandbytes 8-bit when asked and
+available, else torch AdamW with the substitution recorded); linear warmup then cosine to 0 over the
+configured ratio (method.md 9 oddity 20); atomic, resumable checkpoints under ``out_dir``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from .classifier import Classifier
+from .config_clf import FineTuneConfig
+from .data import TextDataset
+
+logger = logging.getLogger("concept_ext")
+
+__all__ = ["finetune", "FineTuneResult", "accuracy", "batch_order"]
+
+
+@dataclass
+class FineTuneResult:
+    """Outcome of :func:`finetune`."""
+
+    steps: int
+    """Optimiser steps done in total (including resumed ones)."""
+    losses: list[float] = field(default_factory=list)
+    """Training loss per step."""
+    train_acc: float | None = None
+    """Accuracy on (up to ``max_eval_rows`` of) the train split after training."""
+    test_acc: float | None = None
+    """Accuracy on the test split, when one was given."""
+    optimizer_used: str = ""
+    """Optimiser that ran (records the 8-bit -> torch AdamW fallback)."""
+    resumed_from: int | None = None
+    """Step of the checkpoint training resumed from, if any."""
+    model_dir: str | None = None
+    """Folder with the final ``save_pretrained`` model + tokenizer (loadable by ``load_backbone``)."""
+
+
+def batch_order(lengths: list[int], batch_size: int, *, seed: int, bucket_factor: int) -> Iterator[list[int]]:
+    """Endless stream of batches: per epoch a seeded shuffle, chunks of ``batch_size * bucket_factor``
+    sorted by length and cut into batches, batches shuffled. Deterministic given the seed."""
+    epoch = 0
+    n = len(lengths)
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(n)
+        batches = []
+        span = batch_size * max(1, bucket_factor)
+        for s in range(0, n, span):
+            chunk = sorted(perm[s:s + span].tolist(), key=lambda i: lengths[i])
+            batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        for k in rng.permutation(len(batches)):
+            yield batches[k]
+        epoch += 1
+
+
+def accuracy(clf: Classifier, ds: TextDataset, *, batch_size: int = 32, max_rows: int | None = None) -> float:
+    """Share of rows whose predicted label equals the ground truth."""
+    ds = ds.subset(max_rows)
+    pred = clf.predict(ds.texts, batch_size=batch_size, hidden=False).pred.numpy()
+    return float((pred == ds.labels).mean())
+
+
+def _optimizer(params_decay, params_no_decay, cfg: FineTuneConfig, device: torch.device):
+    groups = [{"params": params_decay, "weight_decay": cfg.weight_decay},
+              {"params": params_no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw8bit":
+        reason = "no CUDA device" if device.type != "cuda" else ""
+        if not reason:
+            try:
+                import bitsandbytes as bnb  # optional
+
+                return bnb.optim.AdamW8bit(groups, lr=cfg.lr), "bitsandbytes.optim.AdamW8bit"
+            except Exception as exc:  # noqa: BLE001 - missing or broken bitsandbytes
+                reason = f"bitsandbytes unavailable ({exc.__class__.__name__})"
+        logger.warning("adamw8bit requested; using torch.optim.AdamW instead: %s", reason)
+        return torch.optim.AdamW(groups, lr=cfg.lr), f"torch.optim.AdamW (fallback from adamw8bit: {reason})"
+    return torch.optim.AdamW(groups, lr=cfg.lr), "torch.optim.AdamW"
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)  # linear warmup (HF convention: 0 at step 0 is skipped)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _save_checkpoint(out: Path, step: int, model, opt, sched, scaler, losses, cfg) -> None:
+    final = out / f"ckpt-{step:08d}"
+    tmp = out / f".ckpt-{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "losses": losses,
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = out / f".latest.json.tmp-{os.getpid()}"
+    latest_tmp.write_text(json.dumps({"checkpoint": final.name, "step": step}))
+    os.replace(latest_tmp, out / "latest.json")  # commit point
+    for old in out.glob("ckpt-*"):
+        if old.name != final.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | None = None,
+             test: TextDataset | None = None, out_dir: str | os.PathLike | None = None,
+             progress: bool = False, resume: bool = True) -> FineTuneResult:
+    """Fine-tune ``clf.model`` in place on ``train`` (C-way CE on the restricted logits / encoder head).
+
+    With ``out_dir``: checkpoints every ``config.checkpoint_every`` steps and at the end, resumes from
+    ``out_dir/latest.json`` when ``resume``, and writes the final model to ``out_dir/model``."""
+    cfg = config if config is not None else FineTuneConfig()
+    if list(train.class_names) != clf.class_names:
+        raise ValueError(f"train class names {train.class_names} != classifier's {clf.class_names}")
+    model = clf.model
+    device = clf.device
+    torch.manual_seed(cfg.seed)
+    model.requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # As the HF Trainer the paper used: no weight decay on biases and norm weights.
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    opt, opt_name = _optimizer(decay, no_decay, cfg, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup(), cfg.steps))
+    amp = cfg.mixed_precision
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else "no"
+    if device.type != "cuda":
+        amp = "no"  # mixed precision on GPU only
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    res = FineTuneResult(steps=0, optimizer_used=opt_name)
+    out = Path(out_dir) if out_dir is not None else None
+    start = 0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        latest = out / "latest.json"
+        if resume and latest.is_file():
+            ck = out / json.loads(latest.read_text())["checkpoint"]
+            load_model(model, str(ck / "model.safetensors"), device=str(device))
+            st = torch.load(ck / "trainer_state.pt", weights_only=False)
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            if scaler is not None and st["scaler"] is not None:
+                scaler.load_state_dict(st["scaler"])
+            torch.set_rng_state(st["torch_rng"])
+            start, res.losses, res.resumed_from = st["step"], list(st["losses"]), st["step"]
+            logger.info("resumed fine-tuning from %s (step %d)", ck, start)
+    enc = clf.encode(train.texts)
+    order = batch_order([len(r) for r in enc.ids], cfg.batch_size, seed=cfg.seed, bucket_factor=cfg.bucket_factor)
+    for _ in range(start):  # replay the deterministic data order up to the resumed step
+        next(order)
+    labels = torch.as_tensor(train.labels, dtype=torch.long)
+    model.train()
+    try:
+        for step in tqdm(range(start, cfg.steps), disable=not progress, desc="finetune", initial=start,
+                         total=cfg.steps):
+            idx = next(order)
+            b = clf.batch([enc.ids[i] for i in idx])
+            y = labels[idx].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            res.losses.append(float(loss.detach()))
+            done = step + 1
+            if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                _save_checkpoint(out, done, model, opt, sched, scaler, res.losses, cfg)
+    finally:
+        model.eval()
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+    res.steps = cfg.steps
+    if out is not None:
+        _save_checkpoint(out, cfg.steps, model, opt, sched, scaler, res.losses, cfg)
+        mdir, tmp = out / "model", out / f".model.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        clf.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(mdir, ignore_errors=True)
+        os.replace(tmp, mdir)
+        res.model_dir = str(mdir)
+    res.train_acc = accuracy(clf, train, batch_size=cfg.eval_batch_size, max_rows=cfg.max_eval_rows)
+    if test is not None:
+        res.test_acc = accuracy(clf, test, batch_size=cfg.eval_batch_size, max_rows=cfg.max_eval_rows)
+    logger.info("fine-tuned %d steps (%s): train acc %.3f, test acc %s", res.steps, opt_name, res.train_acc,
+                res.test_acc)
+    return res

@@ -1,0 +1,296 @@
+"""The main job: text dataset -> fine-tuned classifier -> activation cache -> five concept methods ->
+metrics -> report (``python -m concept_ext run``).
+
+Stages and their folders under the run directory::
+
+    finetune/            the classifier (HF folder in finetune/model) + train/test accuracy
+    cache/{train,test}/  one-pass activation caches (sharded safetensors + manifest)
+    embed/               sentence-encoder embeddings of the test texts (interpretability metrics)
+    fit/<method>-s<seed>/       the fitted concept model (and the SAE checkpoint for SAE methods)
+    evaluate/<method>-s<seed>/  every metric as JSON, under each readout protocol
+    metrics.json, report.md, figures/   the report
+
+Each stage writes its outputs atomically, then a ``stage.json`` record with the fingerprint of its
+inputs (its config section and the records of the stages it reads). A stage whose record matches is
+skipped; ``force`` redoes one (and, through the fingerprints, everything downstream of it). An
+interrupted run, started again, continues at the first unfinished stage; caching and SAE training
+also resume inside the stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import runstate
+from .config_run import METHODS, RunConfig
+
+logger = logging.getLogger("concept_ext")
+
+__all__ = ["Pipeline", "run", "STAGES"]
+
+#: Stage names accepted by ``force``.
+STAGES = ("finetune", "cache", "embed", "fit", "evaluate", "report")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Pipeline:
+    """Runs (or resumes) every stage of a :class:`RunConfig` in ``out``.
+
+    Args:
+        config: the run configuration.
+        out: the run directory (created).
+        force: stage names to redo even when their record matches (see :data:`STAGES`).
+        progress: show progress bars.
+    """
+
+    def __init__(self, config: RunConfig, out: str | Path, *, force: Sequence[str] = (), progress: bool = True):
+        bad = [s for s in force if s not in STAGES]
+        if bad:
+            raise ValueError(f"force: unknown stage(s) {bad}; stages are {list(STAGES)}")
+        self.cfg = config
+        self.out = Path(out)
+        self.force = set(force)
+        self.progress = progress
+        self.device = _device(config.device)
+        self.timings: dict[str, float] = {}
+        self._clf = None
+        self._caches: dict[str, Any] = {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        runstate.clean_stale_tmp(self.out)
+
+    # ------------------------------------------------------------------------------------------------
+    # Stage machinery
+    # ------------------------------------------------------------------------------------------------
+
+    def _stage(self, name: str, kind: str, inputs: Any, fn: Callable[[Path], dict]) -> runstate.StageRecord:
+        """Run ``fn(stage_dir) -> extra`` unless a finished record with the same fingerprint exists."""
+        stage_dir = self.out / name
+        fp = runstate.fingerprint(name, inputs)
+        rec = runstate.read_record(stage_dir)
+        if rec is not None and rec.fingerprint == fp and kind not in self.force:
+            logger.info("stage %s: up to date, skipped", name)
+            self.timings[name] = rec.seconds
+            return rec
+        if rec is not None:
+            (stage_dir / runstate.RECORD).unlink(missing_ok=True)  # outputs are being redone
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        runstate.clean_stale_tmp(stage_dir)
+        logger.info("stage %s: running", name)
+        t0 = time.perf_counter()
+        extra = fn(stage_dir)
+        rec = runstate.StageRecord(stage=name, fingerprint=fp, seconds=time.perf_counter() - t0, extra=extra)
+        runstate.write_record(stage_dir, rec)
+        self.timings[name] = rec.seconds
+        return rec
+
+    @staticmethod
+    def _token(rec: runstate.StageRecord) -> list:
+        """What a downstream stage depends on: the upstream fingerprint and when it last finished."""
+        return [rec.fingerprint, rec.finished_at]
+
+    # ------------------------------------------------------------------------------------------------
+    # Data and classifier
+    # ------------------------------------------------------------------------------------------------
+
+    def _dataset(self, split: str):
+        from .data import load_dataset
+
+        rows = self.cfg.train_rows if split == "train" else self.cfg.test_rows
+        return load_dataset(self.cfg.dataset, split, class_names=self.cfg.class_names, max_rows=rows)
+
+    def _load_classifier(self, model_dir: Optional[Path], class_names: list[str]):
+        from .backbones import load_backbone
+        from .classifier import Classifier
+
+        src = str(model_dir) if model_dir is not None else self.cfg.backbone
+        overrides = self.cfg.config_overrides if model_dir is None else None
+        bb = load_backbone(src, num_labels=len(class_names), device=self.device, config_overrides=overrides,
+                           seed=self.cfg.seeds[0])
+        return Classifier(bb, class_names, layer=self.cfg.cache.layer, prompt=self.cfg.cache.prompt)
+
+    def finetune(self) -> runstate.StageRecord:
+        """Fine-tune the backbone into a classifier (or keep it as is with ``finetune.steps = 0``)."""
+
+        def fn(d: Path) -> dict:
+            from .finetune import accuracy, finetune
+
+            train, test = self._dataset("train"), self._dataset("test")
+            clf = self._load_classifier(None, train.class_names)
+            model_dir = d / "model"
+            if self.cfg.finetune.steps > 0:
+                res = finetune(clf, train, config=self.cfg.finetune, test=test, out_dir=d / "work",
+                               progress=self.progress)
+                with runstate.atomic_dir(model_dir) as tmp:
+                    clf.model.save_pretrained(tmp)
+                    clf.tokenizer.save_pretrained(tmp)
+                shutil.rmtree(d / "work", ignore_errors=True)
+                train_acc, test_acc, steps = res.train_acc, res.test_acc, res.steps
+            else:
+                with runstate.atomic_dir(model_dir) as tmp:
+                    clf.model.save_pretrained(tmp)
+                    clf.tokenizer.save_pretrained(tmp)
+                train_acc = accuracy(clf, train, max_rows=self.cfg.finetune.max_eval_rows)
+                test_acc = accuracy(clf, test)
+                steps = 0
+            return {"model_dir": "model", "train_accuracy": train_acc, "test_accuracy": test_acc, "steps": steps,
+                    "class_names": list(train.class_names), "n_train": len(train), "n_test": len(test)}
+
+        inputs = [self.cfg.backbone, self.cfg.config_overrides, self.cfg.dataset, self.cfg.class_names,
+                  self.cfg.train_rows, self.cfg.test_rows, self.cfg.finetune, self.cfg.cache.prompt, self.cfg.seeds[0]]
+        self.rec_finetune = self._stage("finetune", "finetune", inputs, fn)
+        return self.rec_finetune
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.rec_finetune.extra["class_names"])
+
+    @property
+    def classifier(self):
+        if self._clf is None:
+            self._clf = self._load_classifier(self.out / "finetune" / "model", self.class_names)
+        return self._clf
+
+    def cache(self) -> runstate.StageRecord:
+        """One batched pass per split -> activation caches (resumable inside the stage)."""
+
+        def fn(d: Path) -> dict:
+            from .cache import build_cache
+
+            sizes = {}
+            for split in ("train", "test"):
+                handle = build_cache(self.classifier, self._dataset(split), split, out_dir=d / split,
+                                     config=self.cfg.cache, device=self.device, progress=self.progress)
+                sizes[split] = handle.n_rows
+            return {"rows": sizes}
+
+        self.rec_cache = self._stage("cache", "cache", [self._token(self.rec_finetune), self.cfg.cache], fn)
+        return self.rec_cache
+
+    def load_split(self, split: str):
+        """The cached split (loaded once per pipeline)."""
+        if split not in self._caches:
+            from .cache import load_cache
+
+            self._caches[split] = load_cache(self.out / "cache" / split, classifier=self.classifier if split == "test"
+                                             else None)
+        return self._caches[split]
+
+    def embed(self) -> runstate.StageRecord:
+        """Sentence-encoder embeddings of the test texts (normalised, float32)."""
+
+        def fn(d: Path) -> dict:
+            from safetensors.torch import save_file
+
+            from .embed import embed_texts
+
+            texts = self.load_split("test").texts
+            e = embed_texts(texts, model_name=self.cfg.eval.encoder, batch_size=self.cfg.eval.embed_batch_size,
+                            device=self.device, show_progress=self.progress)
+            tmp = d / ".embeddings.tmp"
+            save_file({"embeddings": e.float().contiguous().cpu()}, str(tmp))
+            tmp.replace(d / "embeddings.safetensors")
+            return {"n": int(e.shape[0]), "dim": int(e.shape[1])}
+
+        self.rec_embed = self._stage("embed", "embed", [self._token(self.rec_cache), self.cfg.eval.encoder], fn)
+        return self.rec_embed
+
+    def embeddings(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.out / "embed" / "embeddings.safetensors"))["embeddings"]
+
+    # ------------------------------------------------------------------------------------------------
+    # Concept methods
+    # ------------------------------------------------------------------------------------------------
+
+    def _method_config(self, method: str) -> Any:
+        c = self.cfg
+        return {"ClassifSAE": [c.sae, c.train_classifsae], "SAE": [c.sae, c.train_sae, c.baselines.probe],
+                "ICA": [c.baselines.ica], "ConceptSHAP": [c.baselines.conceptshap],
+                "HI-Concept": [c.baselines.hiconcept]}[method] + [c.baselines.select]
+
+    def fit(self, method: str, seed: int) -> runstate.StageRecord:
+        """Fit one concept method with one seed, select and segment its concepts, save it."""
+        from .methods import fit_method
+
+        name = f"fit/{method}-s{seed}"
+
+        def fn(d: Path) -> dict:
+            return fit_method(self, method, seed, d)
+
+        return self._stage(name, "fit", [self._token(self.rec_cache), self._method_config(method), seed], fn)
+
+    def evaluate(self, method: str, seed: int, fit_rec: runstate.StageRecord) -> runstate.StageRecord:
+        """Every metric for one fitted method under each readout protocol."""
+        from .methods import evaluate_method
+
+        name = f"evaluate/{method}-s{seed}"
+
+        def fn(d: Path) -> dict:
+            res = evaluate_method(self, method, seed, self.out / f"fit/{method}-s{seed}")
+            runstate.atomic_write_json(d / "results.json", res)
+            return {"protocols": list(res.get("protocols", {}))}
+
+        inputs = [self._token(fit_rec), self._token(self.rec_embed), self.cfg.eval, self.cfg.protocols]
+        return self._stage(name, "evaluate", inputs, fn)
+
+    # ------------------------------------------------------------------------------------------------
+    # Everything
+    # ------------------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Run or resume every stage; returns the path of ``report.md``."""
+        runstate.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+        self.finetune()
+        self.cache()
+        self.embed()
+        eval_recs = []
+        for method in [m for m in METHODS if m in self.cfg.methods]:
+            for seed in self.cfg.seeds:
+                fit_rec = self.fit(method, seed)
+                eval_recs.append(self.evaluate(method, seed, fit_rec))
+        return self.report(eval_recs)
+
+    def report(self, eval_recs: list[runstate.StageRecord]) -> Path:
+        """metrics.json + report.md + figures, from every evaluation's results."""
+        from .report import write_report
+        from .results import assemble_results
+
+        results = assemble_results(self)
+        results["run"]["versions"] = _versions()
+        runstate.atomic_write_json(self.out / "metrics.json", results)
+        t0 = time.perf_counter()
+        path = write_report(self.out, results)
+        self.timings["report"] = time.perf_counter() - t0
+        return path
+
+
+def _versions() -> dict[str, str]:
+    import concept_ext
+
+    out = {"concept_ext": concept_ext.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("transformers", "sentence_transformers", "sklearn"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - versions are informational
+            pass
+    return out
+
+
+def run(config: Optional[RunConfig] = None, out: str | Path = "runs/default", *, force: Sequence[str] = (),
+        progress: bool = True) -> Path:
+    """Run the whole pipeline (see the module docstring); returns the path of ``report.md``."""
+    return Pipeline(config if config is not None else RunConfig(), out, force=force, progress=progress).run()

@@ -1,0 +1,316 @@
+// CPU kernels of concept_ext::topk_encode and concept_ext::topk_encode_backward. The semantics are
+// those of concept_ext/reference.py (topk_encode, topk_encode_backward).
+//
+// Forward. pre = x @ W_enc + b_enc is never materialised as [N, m]. Rows are taken in blocks of RB
+// and latents in tiles of CT; each [RB, CT] tile comes from the BLAS (aten::mm.out into a small reused
+// buffer that stays in L2) and is merged at once into a running top-k per row (topk_select.h): a
+// buffer of ~2k (value, latent) candidates and a threshold (the current k-th largest); an AVX2 compare
+// rejects 16 pre-activations at a time and only values >= threshold are appended; a full buffer is
+// compacted with nth_element. After the first tiles the selection costs about one compare per entry.
+//
+// Threading, two strategies (CONCEPT_EXT_TOPK_STRATEGY=rows|tiles forces one; auto picks):
+//  * rows:  parallel_for over row blocks; each thread runs single-threaded GEMMs for its own block
+//           (nested in the parallel region, MKL/oneDNN run on one thread) and selects.
+//  * tiles: one GEMM per tile using all threads (BLAS-internal), then parallel selection over rows.
+// "rows" was faster at the benchmark sizes (fewer fork/joins, no shared tile; on the loaded 2-core dev
+// box "tiles" with a parallel selection was 1.5-6x slower). Auto uses "rows" unless there are too few
+// rows to give every thread a block of >= 16; then the BLAS threads the GEMM and the selection (only
+// n * m compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning only).
+//
+// Backward. g = grad_values masked by values > 0. The selected pairs are bucketed by latent with a
+// serial counting sort (order within a latent = row-major order of [N, k], so sums are deterministic);
+// a parallel_for over chunks of latents then builds grad_b, grad_W_enc (each thread owns whole columns,
+// accumulated in an [L, d] tile and written transposed) and copies the used columns of W_enc into a
+// row-major [m, d] scratch; a second parallel_for over rows gathers grad_x from that scratch. No dense
+// [N, m] or [N*k, d] tensor is built.
+#include <torch/csrc/stable/device.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "concept_ext/checks.h"
+#include "concept_ext/kernels.h"
+#include "topk_select.h"
+
+namespace concept_ext {
+namespace {
+
+namespace ts = torch::stable;
+using torch::headeronly::ScalarType;
+
+template <typename T>
+ScalarType scalar_type_of() {
+  return std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
+}
+
+// out = a @ b through the dispatcher (BLAS). `out` is a preallocated contiguous view of the right shape.
+void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
+  std::array<StableIValue, 3> stack{ts::detail::from(a), ts::detail::from(b), ts::detail::from(out)};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+  (void)ts::detail::to<Tensor>(stack[0]);
+}
+
+// A [rows, cols] view of raw CPU memory with the given row stride (no dispatcher call, no copy).
+template <typename T>
+Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t row_stride) {
+  return ts::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, 1},
+                       ts::Device(torch::headeronly::DeviceType::CPU), scalar_type_of<T>());
+}
+
+struct Tuning {
+  int64_t rb = 256;   // rows per block
+  int64_t ct = 512;   // latents per tile ([256, 512] fp32 = 512 KiB: fits a 1 MiB L2)
+  int strategy = 0;   // 0 auto, 1 rows, 2 tiles
+};
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  return (s && *s) ? std::max<int64_t>(1, std::atoll(s)) : fallback;
+}
+
+Tuning tuning() {
+  Tuning t;
+  t.rb = env_int("CONCEPT_EXT_TOPK_RB", t.rb);
+  t.ct = env_int("CONCEPT_EXT_TOPK_CT", t.ct);
+  const char* s = std::getenv("CONCEPT_EXT_TOPK_STRATEGY");
+  if (s && std::string(s) == "rows") t.strategy = 1;
+  if (s && std::string(s) == "tiles") t.strategy = 2;
+  return t;
+}
+
+// Forward for float/double on contiguous inputs. out_v/out_i: [n, k]. Sets `nan` when a NaN is seen.
+template <typename T>
+void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m, int64_t k, T* out_v,
+            int64_t* out_i, std::atomic<bool>& nan) {
+  const Tuning tune = tuning();
+  const int64_t threads = std::max<int64_t>(1, ts::get_num_threads());
+  const int64_t ct = std::min(tune.ct, m);
+  // Rows per block: no larger than needed to give every thread a block.
+  int64_t rb = std::min(tune.rb, (n + threads - 1) / threads);
+  // Keep the candidate buffers (rb * ~2k pairs) modest when k is large.
+  rb = std::max<int64_t>(1, std::min(rb, (int64_t{1} << 20) / (2 * k + 16)));
+  const bool by_rows = tune.strategy == 1 || (tune.strategy == 0 && (threads == 1 || rb >= 16));
+  // Few rows (auto): the BLAS threads the GEMM; the selection (n * m compares) stays serial.
+  const bool parallel_select = tune.strategy == 2;
+
+  auto run_block = [&](int64_t r0, int64_t rows, T* tile, TopKRows<T>& sel, bool parallel_select) {
+    sel.reset(rows);
+    const Tensor xa = view2d(x + r0 * d, rows, d, d);
+    for (int64_t c0 = 0; c0 < m; c0 += ct) {
+      const int64_t cols = std::min(ct, m - c0);
+      mm_out(xa, view2d(w + c0, d, cols, m), view2d(tile, rows, cols, cols));
+      auto select = [&](int64_t a, int64_t z) {
+        for (int64_t r = a; r < z; ++r)
+          if (!sel.push(r, tile + r * cols, b + c0, cols, static_cast<int32_t>(c0))) nan.store(true);
+      };
+      if (parallel_select) ts::parallel_for(0, rows, 8, select);
+      else select(0, rows);
+    }
+    auto finish = [&](int64_t a, int64_t z) {
+      for (int64_t r = a; r < z; ++r) sel.finish(r, out_v + (r0 + r) * k, out_i + (r0 + r) * k);
+    };
+    if (parallel_select) ts::parallel_for(0, rows, 8, finish);
+    else finish(0, rows);
+  };
+
+  if (by_rows) {
+    // Blocks are handed out dynamically (an atomic counter), not split statically: on a shared machine
+    // a descheduled thread then delays only the block it holds.
+    const int64_t blocks = (n + rb - 1) / rb;
+    std::atomic<int64_t> next{0};
+    ts::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
+      std::vector<T> tile(static_cast<size_t>(rb * ct));
+      TopKRows<T> sel(rb, k);
+      for (int64_t blk = next++; blk < blocks; blk = next++) {
+        const int64_t r0 = blk * rb;
+        run_block(r0, std::min(rb, n - r0), tile.data(), sel, false);
+      }
+    });
+  } else {
+    const int64_t rbt = std::max<int64_t>(1, std::min({n, tune.rb * threads, (int64_t{1} << 20) / (2 * k + 16)}));
+    std::vector<T> tile(static_cast<size_t>(rbt * ct));
+    TopKRows<T> sel(rbt, k);
+    for (int64_t r0 = 0; r0 < n; r0 += rbt)
+      run_block(r0, std::min(rbt, n - r0), tile.data(), sel, parallel_select);
+  }
+}
+
+// Backward for float/double on contiguous inputs (see the file comment).
+template <typename T>
+void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, const T* w, int64_t n,
+                     int64_t d, int64_t m, int64_t k, T* gx, T* gw, T* gb, T* wt) {
+  const int64_t pairs = n * k;
+  std::vector<T> g(static_cast<size_t>(pairs));
+  std::vector<int64_t> start(static_cast<size_t>(m + 1), 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t j = idx[p];
+    STD_TORCH_CHECK(j >= 0 && j < m, "topk_encode_backward: indices must lie in [0, ", m, "), got ", j);
+    g[p] = val[p] > T(0) ? gv[p] : T(0);
+    if (g[p] != T(0)) ++start[j + 1];
+  }
+  for (int64_t j = 0; j < m; ++j) start[j + 1] += start[j];
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  std::vector<int64_t> prow(static_cast<size_t>(start[m]));
+  std::vector<T> pg(static_cast<size_t>(start[m]));
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (g[p] == T(0)) continue;
+    const int64_t q = cursor[idx[p]]++;
+    prow[q] = p / k;
+    pg[q] = g[p];
+  }
+
+  constexpr int64_t L = 32;  // latents per chunk: an [L, d] accumulator, one 128-byte run per output row
+  const int64_t chunks = (m + L - 1) / L;
+  ts::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> acc(static_cast<size_t>(L * d));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j0 = c * L, len = std::min(L, m - j0);
+      std::fill(acc.begin(), acc.begin() + len * d, T(0));
+      for (int64_t l = 0; l < len; ++l) {
+        T* a = acc.data() + l * d;
+        T sb = T(0);
+        for (int64_t q = start[j0 + l]; q < start[j0 + l + 1]; ++q) {
+          const T s = pg[q];
+          const T* xr = x + prow[q] * d;
+          sb += s;
+          for (int64_t e = 0; e < d; ++e) a[e] += s * xr[e];
+        }
+        gb[j0 + l] = sb;
+      }
+      bool used[L];
+      for (int64_t l = 0; l < len; ++l) used[l] = start[j0 + l + 1] > start[j0 + l];
+      for (int64_t e = 0; e < d; ++e) {
+        T* dst = gw + e * m + j0;
+        const T* src = w + e * m + j0;
+        for (int64_t l = 0; l < len; ++l) {
+          dst[l] = acc[l * d + e];
+          if (used[l]) wt[(j0 + l) * d + e] = src[l];
+        }
+      }
+    }
+  });
+
+  ts::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      T* o = gx + i * d;
+      std::fill(o, o + d, T(0));
+      for (int64_t r = 0; r < k; ++r) {
+        const T s = g[i * k + r];
+        if (s == T(0)) continue;
+        const T* wr = wt + idx[i * k + r] * d;
+        for (int64_t e = 0; e < d; ++e) o[e] += s * wr[e];
+      }
+    }
+  });
+}
+
+ScalarType acc_of(ScalarType s) { return s == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
+
+// Contiguous copy in the accumulation dtype (no copy when already so).
+Tensor as_acc(const Tensor& t, ScalarType acc) { return ts::contiguous(ts::to(t, acc)); }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {
+  check_dim(x, 2, "x");
+  check_dim(W_enc, 2, "W_enc");
+  check_dim(b_enc, 1, "b_enc");
+  check_cpu(x, "x");
+  check_cpu(W_enc, "W_enc");
+  check_cpu(b_enc, "b_enc");
+  check_floating(x, "x");
+  check_same_dtype(x, W_enc, "x", "W_enc");
+  check_same_dtype(x, b_enc, "x", "b_enc");
+  const int64_t n = x.size(0), d = x.size(1), m = W_enc.size(1);
+  check_size(W_enc, 0, d, "W_enc");
+  check_size(b_enc, 0, m, "b_enc");
+  STD_TORCH_CHECK(k >= 1 && k <= m, "topk_encode: k must satisfy 1 <= k <= m = ", m, ", got ", k);
+  STD_TORCH_CHECK(m <= std::numeric_limits<int32_t>::max(), "topk_encode: m must fit in int32, got ", m);
+
+  const ScalarType st = x.scalar_type(), acc = acc_of(st);
+  Tensor values = ts::new_empty(x, {n, k}, acc);
+  Tensor indices = ts::new_empty(x, {n, k}, ScalarType::Long);
+  if (n > 0) {
+    const Tensor xa = as_acc(x, acc), wa = as_acc(W_enc, acc), ba = as_acc(b_enc, acc);
+    std::atomic<bool> nan{false};
+    auto* out_i = static_cast<int64_t*>(indices.mutable_data_ptr());
+    if (acc == ScalarType::Double) {
+      encode<double>(static_cast<const double*>(xa.const_data_ptr()), static_cast<const double*>(wa.const_data_ptr()),
+                     static_cast<const double*>(ba.const_data_ptr()), n, d, m, k,
+                     static_cast<double*>(values.mutable_data_ptr()), out_i, nan);
+    } else {
+      encode<float>(static_cast<const float*>(xa.const_data_ptr()), static_cast<const float*>(wa.const_data_ptr()),
+                    static_cast<const float*>(ba.const_data_ptr()), n, d, m, k,
+                    static_cast<float*>(values.mutable_data_ptr()), out_i, nan);
+    }
+    STD_TORCH_CHECK(!nan.load(),
+                    "topk_encode: the pre-activations x @ W_enc + b_enc contain NaN (check x, W_enc and b_enc "
+                    "for NaN or infinite values)");
+  }
+  if (st != acc) values = ts::to(values, st);
+  return {values, indices};
+}
+
+std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, Tensor values, Tensor indices,
+                                                            Tensor x, Tensor W_enc) {
+  check_dim(grad_values, 2, "grad_values");
+  check_dim(values, 2, "values");
+  check_dim(indices, 2, "indices");
+  check_dim(x, 2, "x");
+  check_dim(W_enc, 2, "W_enc");
+  for (const Tensor* t : {&grad_values, &values, &indices, &x, &W_enc}) check_cpu(*t, "every input");
+  check_floating(grad_values, "grad_values");
+  check_floating(values, "values");
+  check_floating(x, "x");
+  check_floating(W_enc, "W_enc");
+  check_index(indices, "indices");
+  const int64_t n = x.size(0), d = x.size(1), m = W_enc.size(1), k = values.size(1);
+  check_size(W_enc, 0, d, "W_enc");
+  check_size(values, 0, n, "values");
+  check_size(indices, 0, n, "indices");
+  check_size(indices, 1, k, "indices");
+  check_size(grad_values, 0, n, "grad_values");
+  check_size(grad_values, 1, k, "grad_values");
+
+  const ScalarType acc = acc_of(x.scalar_type());  // as the reference: accumulate in x's acc dtype
+  const Tensor ga = as_acc(grad_values, acc), va = as_acc(values, acc), xa = as_acc(x, acc), wa = as_acc(W_enc, acc);
+  const Tensor ia = ts::contiguous(ts::to(indices, ScalarType::Long));
+  Tensor gx = ts::new_empty(xa, {n, d});
+  Tensor gw = ts::new_empty(xa, {d, m});
+  Tensor gb = ts::new_empty(xa, {m});
+  Tensor wt = ts::new_empty(xa, {m, d});  // rows of used latents only are written and read
+  const auto* ip = static_cast<const int64_t*>(ia.const_data_ptr());
+  if (acc == ScalarType::Double) {
+    using T = double;
+    encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
+                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
+                       d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
+                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt.mutable_data_ptr()));
+  } else {
+    using T = float;
+    encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
+                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
+                       d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
+                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt.mutable_data_ptr()));
+  }
+  if (x.scalar_type() != acc) gx = ts::to(gx, x.scalar_type());
+  if (W_enc.scalar_type() != acc) {
+    gw = ts::to(gw, W_enc.scalar_type());
+    gb = ts::to(gb, W_enc.scalar_type());
+  }
+  return {gx, gw, gb};
+}
+
+}  // namespace concept_ext

@@ -1,0 +1,203 @@
+// Shared helpers of the CUDA kernels: current-stream lookup, launch checks, dtype conversion, monotone
+// sort keys, block reductions/scans and a block-wide radix select. Stable-ABI headers only
+// (design.md section 4), so `nvcc -c` works against the CPU wheel's headers in CI.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "concept_ext/checks.h"
+#include "concept_ext/dispatch.h"
+
+namespace concept_ext {
+namespace cuda {
+
+// Threads per block of the row-parallel kernels; the radix helpers below assume exactly this.
+constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
+
+// The stream PyTorch currently uses on `t`'s device. Launching anywhere else breaks CUDA-graph capture
+// and torch.compile(mode="reduce-overhead") (pytorch/pytorch#157363). The AOTI shim call exists in every
+// torch >= 2.3, unlike Stream::nativeHandle (2.13+), so it works under the 2.10 stable-ABI target.
+inline cudaStream_t current_stream(const Tensor& t) {
+  void* s = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &s) == AOTI_TORCH_SUCCESS,
+                  "concept_ext: could not get the current CUDA stream");
+  return static_cast<cudaStream_t>(s);
+}
+
+// Raises (as a Python RuntimeError) if the last launch failed; never synchronises.
+#define CONCEPT_EXT_CHECK_LAUNCH(NAME)                                                       \
+  do {                                                                                       \
+    cudaError_t err_ = cudaGetLastError();                                                   \
+    STD_TORCH_CHECK(err_ == cudaSuccess, NAME, ": CUDA launch failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Contiguous view of `t` (a copy only when `t` is strided).
+inline Tensor contig(const Tensor& t) { return torch::stable::contiguous(t); }
+
+// `t` converted to dtype `s` (no copy when it already has it).
+inline Tensor to_dtype(const Tensor& t, ScalarType s) {
+  return torch::stable::to(t, std::optional<ScalarType>(s));
+}
+
+inline ScalarType acc_scalar_type(ScalarType s) {
+  return s == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+template <typename T>
+inline T* ptr(const Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Monotone unsigned keys: a < b (floats, NaN treated as the largest like torch.topk) <=> key(a) < key(b).
+// ---------------------------------------------------------------------------------------------------
+template <typename A>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct KeyOf<double> {
+  using type = uint64_t;
+};
+
+__device__ __forceinline__ uint32_t float_key(float f) {
+  if (f != f) return 0xFFFFFFFFu;
+  uint32_t b = __float_as_uint(f);
+  if (b == 0x80000000u) b = 0u;  // -0 == +0: one key, so ties are ties
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t float_key(double f) {
+  if (f != f) return ~0ull;
+  uint64_t b = static_cast<uint64_t>(__double_as_longlong(f));
+  if (b == 0x8000000000000000ull) b = 0ull;
+  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Block reductions and scans (blockDim.x == kBlock).
+// ---------------------------------------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `red` is shared scratch of kWarps entries.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // `red` may still be read by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  A total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += red[w];
+  return total;
+}
+
+// Exclusive prefix count of a per-thread flag over the block, in thread order. Returns the rank of this
+// thread among the flagged ones and writes the block total. `cnt` is shared scratch of kWarps ints.
+__device__ __forceinline__ int block_rank(bool flag, int* cnt, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, flag);
+  __syncthreads();
+  if (lane == 0) cnt[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    before += (w < warp) ? cnt[w] : 0;
+    all += cnt[w];
+  }
+  *total = all;
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// Exclusive scan of `in[0..n)` into `out[0..n]` (out[n] = total) by one block of kBlock threads, in
+// tiles; used for small bucket/row offset arrays (m or N entries), so one block is enough.
+template <typename I>
+__global__ void exclusive_scan_kernel(const I* __restrict__ in, int64_t* __restrict__ out, int64_t n) {
+  __shared__ int64_t warp_tot[kWarps];
+  __shared__ int64_t carry;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < n; base += kBlock) {
+    const int64_t i = base + threadIdx.x;
+    const int64_t v = i < n ? static_cast<int64_t>(in[i]) : 0;
+    int64_t incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_tot[warp] = incl;
+    __syncthreads();
+    int64_t before = carry;
+    for (int w = 0; w < warp; ++w) before += warp_tot[w];
+    if (i < n) out[i] = before + incl - v;
+    __syncthreads();
+    if (threadIdx.x == kBlock - 1) carry = before + incl;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[n] = carry;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Block-wide radix select: the k-th largest (1 <= k <= n) of n keys produced by get_key(i).
+// On return *thresh is that key and *need_eq how many keys equal to it belong to the top k (so the top k
+// are every key > thresh plus need_eq of the keys == thresh). All threads must call it. `hist` is shared
+// scratch of 256 unsigned ints; `bcast` of 2 unsigned long longs. Each pass re-reads the n keys.
+// ---------------------------------------------------------------------------------------------------
+template <typename KeyT, typename GetKey>
+__device__ void block_radix_select(GetKey get_key, int64_t n, int64_t k, unsigned* hist,
+                                   unsigned long long* bcast, KeyT* thresh, int64_t* need_eq) {
+  KeyT prefix = 0, mask = 0;
+  int64_t kk = k;
+  for (int shift = int(sizeof(KeyT)) * 8 - 8; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const KeyT key = get_key(i);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t cum = 0;
+      int b = 255;
+      for (; b > 0; --b) {
+        if (cum + hist[b] >= kk) break;
+        cum += hist[b];
+      }
+      bcast[0] = static_cast<unsigned long long>(b);
+      bcast[1] = static_cast<unsigned long long>(kk - cum);
+    }
+    __syncthreads();
+    prefix |= static_cast<KeyT>(bcast[0]) << shift;
+    mask |= static_cast<KeyT>(0xFF) << shift;
+    kk = static_cast<int64_t>(bcast[1]);
+    __syncthreads();
+  }
+  *thresh = prefix;
+  *need_eq = kk;
+}
+
+}  // namespace cuda
+}  // namespace concept_ext

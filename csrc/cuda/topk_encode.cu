@@ -1,0 +1,264 @@
+// TopK encode (pre = x @ W_enc + b_enc, k largest per row, ReLU, sorted descending) and its backward
+// (CUDA). Semantics: concept_ext/reference.py (topk_encode, topk_encode_backward).
+//
+// Forward, the *unfused* first version: rows are processed in chunks so that the scratch stays under
+// kScratchBytes. Per chunk, the pre-activations are one cuBLAS GEMM in the accumulation dtype
+// (torch::stable::matmul: fp32, fp64 for float64 inputs, exactly the reference's precision) into an
+// [R, m] scratch; then one block per row adds the bias in place, finds the k-th largest value by a
+// 4-pass (8 for fp64) 8-bit radix select, compacts the winners in index order (ties at the threshold go
+// to the lowest latent ids), and sorts them descending with a stable block-wide LSD radix sort, so the
+// output order is (value desc, index asc) and deterministic. NaN sorts as the largest value, as in
+// torch.topk; the Python wrapper rejects non-finite inputs outside graph capture. No host syncs.
+//
+// Backward: one block per (row, column tile): grad_x by a gather of W_enc^T rows (a transposed copy
+// makes the gather coalesced); grad_W_enc^T and grad_b_enc by fp32/fp64 atomics over the N*k selected
+// pairs (so the summation order, hence the last bits, is not deterministic); no [N, m] tensor.
+#include "common.cuh"
+#include "concept_ext/kernels.h"
+
+#include <climits>
+
+namespace concept_ext {
+namespace {
+
+using namespace cuda;
+
+// Bound on the per-chunk scratch (pre-activations + sort buffers) of the forward.
+constexpr int64_t kScratchBytes = int64_t(256) << 20;
+
+// Stable sort of n (key, id) pairs by key descending, by LSD radix on ~key; ping-pongs between the
+// (ka, ia) and (kb, ib) buffers an even number of times, so the result ends in (ka, ia). Each warp owns a
+// contiguous segment and scatters it in order (__match_any_sync ranks equal digits), which is what
+// makes the sort stable.
+template <typename Key>
+__device__ void block_sort_desc(Key* ka, int32_t* ia, Key* kb, int32_t* ib, int64_t n,
+                                unsigned (*whist)[256], unsigned* wtot) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t seg = ceil_div(n, kWarps);
+  const int64_t s0 = min(n, warp * seg), s1 = min(n, s0 + seg);
+  for (int shift = 0; shift < int(sizeof(Key)) * 8; shift += 8) {
+    for (int w = 0; w < kWarps; ++w) whist[w][threadIdx.x] = 0;
+    __syncthreads();
+    for (int64_t i = s0 + lane; i < s1; i += 32) atomicAdd(&whist[warp][(~ka[i] >> shift) & 0xFF], 1u);
+    __syncthreads();
+    // Column scan (digit-major, warp-minor), then an exclusive scan of the digit totals.
+    unsigned run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const unsigned t = whist[w][threadIdx.x];
+      whist[w][threadIdx.x] = run;
+      run += t;
+    }
+    unsigned incl = run;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) wtot[warp] = incl;
+    __syncthreads();
+    unsigned base = incl - run;
+    for (int w = 0; w < warp; ++w) base += wtot[w];
+    for (int w = 0; w < kWarps; ++w) whist[w][threadIdx.x] += base;
+    __syncthreads();
+    for (int64_t c0 = s0; c0 < s1; c0 += 32) {
+      const int64_t i = c0 + lane;
+      const bool live = i < s1;
+      const Key key = live ? ka[i] : Key(0);
+      const int digit = live ? int((~key >> shift) & 0xFF) : 256;
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
+      const int rank = __popc(peers & ((1u << lane) - 1u));
+      if (live) {
+        const unsigned dst = whist[warp][digit] + rank;
+        kb[dst] = key;
+        ib[dst] = ia[i];
+      }
+      __syncwarp();
+      if (live && rank == 0) whist[warp][digit] += __popc(peers);
+      __syncwarp();
+    }
+    __syncthreads();
+    Key* tk = ka; ka = kb; kb = tk;
+    int32_t* ti = ia; ia = ib; ib = ti;
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kBlock) topk_select_kernel(
+    A* __restrict__ pre,  // [rows, m], bias added in place
+    const T* __restrict__ b, int64_t rows, int64_t m, int64_t k,
+    typename KeyOf<A>::type* __restrict__ keys,  // [2, rows, k] scratch
+    int32_t* __restrict__ ids,                   // [2, rows, k] scratch
+    T* __restrict__ out_v, int64_t* __restrict__ out_i) {
+  using Key = typename KeyOf<A>::type;
+  __shared__ unsigned hist[256];
+  __shared__ unsigned long long bcast[2];
+  __shared__ int cnt[kWarps];
+  __shared__ unsigned whist[kWarps][256];
+  __shared__ unsigned wtot[kWarps];
+  const int64_t row = blockIdx.x;
+  A* p = pre + row * m;
+  for (int64_t j = threadIdx.x; j < m; j += kBlock) p[j] += static_cast<A>(b[j]);
+  __syncthreads();
+  Key thresh;
+  int64_t need_eq;
+  block_radix_select<Key>([&](int64_t j) { return float_key(p[j]); }, m, k, hist, bcast, &thresh, &need_eq);
+
+  Key* ka = keys + row * k;
+  Key* kb = keys + (rows + row) * k;
+  int32_t* ia = ids + row * k;
+  int32_t* ib = ids + (rows + row) * k;
+  int64_t taken = 0, eq_seen = 0;
+  for (int64_t base = 0; base < m && taken < k; base += kBlock) {
+    const int64_t j = base + threadIdx.x;
+    const Key key = j < m ? float_key(p[j]) : Key(0);
+    const bool gt = j < m && key > thresh, eq = j < m && key == thresh;
+    int eq_total, take_total;
+    const int er = block_rank(eq, cnt, &eq_total);
+    const bool take = gt || (eq && eq_seen + er < need_eq);
+    const int tr = block_rank(take, cnt, &take_total);
+    if (take) {
+      ka[taken + tr] = key;
+      ia[taken + tr] = static_cast<int32_t>(j);
+    }
+    taken += take_total;
+    eq_seen += eq_total;
+  }
+  __syncthreads();
+  if (k > 1) block_sort_desc<Key>(ka, ia, kb, ib, k, whist, wtot);
+  for (int64_t r = threadIdx.x; r < k; r += kBlock) {
+    const int32_t j = ia[r];
+    const A v = p[j];
+    out_v[row * k + r] = static_cast<T>(v > A(0) || v != v ? v : A(0));
+    out_i[row * k + r] = j;
+  }
+}
+
+// One block per (row, column tile of W_enc^T): grad_x, and atomics into grad_W_enc^T and grad_b_enc.
+template <typename T, typename I>
+__global__ void topk_backward_kernel(const T* __restrict__ grad_values, const T* __restrict__ values,
+                                     const I* __restrict__ indices, const T* __restrict__ x,
+                                     const T* __restrict__ w_t,  // [m, d]
+                                     T* __restrict__ grad_x, acc_t<T>* __restrict__ grad_w_t,  // [m, d]
+                                     acc_t<T>* __restrict__ grad_b, int64_t k, int64_t d) {
+  using A = acc_t<T>;
+  __shared__ A s_g[kBlock];
+  __shared__ int64_t s_idx[kBlock];
+  const int64_t row = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kBlock + threadIdx.x;
+  const bool live = c < d;
+  const A xv = live ? static_cast<A>(x[row * d + c]) : A(0);
+  A acc = 0;
+  for (int64_t j0 = 0; j0 < k; j0 += kBlock) {
+    const int64_t n = min(static_cast<int64_t>(kBlock), k - j0);
+    __syncthreads();
+    if (threadIdx.x < n) {
+      const int64_t e = row * k + j0 + threadIdx.x;
+      // Only entries the ReLU let through (values > 0) receive gradient.
+      const A g = static_cast<A>(values[e]) > A(0) ? static_cast<A>(grad_values[e]) : A(0);
+      s_g[threadIdx.x] = g;
+      s_idx[threadIdx.x] = static_cast<int64_t>(indices[e]);
+      if (blockIdx.y == 0 && g != A(0)) atomicAdd(grad_b + s_idx[threadIdx.x], g);
+    }
+    __syncthreads();
+    if (live) {
+      for (int j = 0; j < n; ++j) {
+        const A g = s_g[j];
+        if (g == A(0)) continue;
+        acc += g * static_cast<A>(w_t[s_idx[j] * d + c]);
+        atomicAdd(grad_w_t + s_idx[j] * d + c, g * xv);
+      }
+    }
+  }
+  if (live) grad_x[row * d + c] = static_cast<T>(acc);
+}
+
+void check_encode_args(const Tensor& x, const Tensor& W_enc) {
+  check_dim(x, 2, "x");
+  check_dim(W_enc, 2, "W_enc");
+  check_floating(x, "x");
+  check_same_dtype(x, W_enc, "x", "W_enc");
+  check_size(x, 1, W_enc.size(0), "x");
+  check_cuda(x, "x");
+  check_same_device(x, W_enc, "x", "W_enc");
+  STD_TORCH_CHECK(W_enc.size(1) < INT_MAX, "W_enc: m must be < 2^31 for the CUDA kernel");
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {
+  check_encode_args(x, W_enc);
+  check_dim(b_enc, 1, "b_enc");
+  check_same_dtype(x, b_enc, "x", "b_enc");
+  check_size(b_enc, 0, W_enc.size(1), "b_enc");
+  check_same_device(x, b_enc, "x", "b_enc");
+  const int64_t n = x.size(0), m = W_enc.size(1);
+  STD_TORCH_CHECK(k >= 1 && k <= m, "k must satisfy 1 <= k <= m = ", m, ", got ", k);
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  Tensor values = torch::stable::new_empty(x, {n, k});
+  Tensor indices = torch::stable::new_empty(x, {n, k}, std::optional<ScalarType>(ScalarType::Long));
+  if (n == 0) return {values, indices};
+  const ScalarType acc = acc_scalar_type(x.scalar_type());
+  const ScalarType key_dtype = acc == ScalarType::Double ? ScalarType::Long : ScalarType::Int;
+  const int64_t acc_size = acc == ScalarType::Double ? 8 : 4;
+  const int64_t per_row = m * acc_size + 2 * k * (acc_size + 4);
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(n, kScratchBytes / per_row));
+  Tensor xa = contig(to_dtype(x, acc)), wa = contig(to_dtype(W_enc, acc)), b = contig(b_enc);
+  Tensor keys = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(key_dtype));
+  Tensor ids = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(ScalarType::Int));
+  cudaStream_t stream = current_stream(x);
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t r = std::min(rows, n - start);
+    Tensor pre = contig(torch::stable::matmul(torch::stable::narrow(xa, 0, start, r), wa));  // [r, m]
+    CONCEPT_EXT_DISPATCH_FLOATING(x.scalar_type(), "topk_encode", [&] {
+      using A = acc_t<scalar_t>;
+      using Key = typename KeyOf<A>::type;
+      topk_select_kernel<scalar_t, A><<<static_cast<unsigned>(r), kBlock, 0, stream>>>(
+          ptr<A>(pre), ptr<scalar_t>(b), r, m, k, ptr<Key>(keys), ptr<int32_t>(ids),
+          ptr<scalar_t>(values) + start * k, ptr<int64_t>(indices) + start * k);
+    });
+    CONCEPT_EXT_CHECK_LAUNCH("topk_encode");
+  }
+  return {values, indices};
+}
+
+std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values, Tensor values, Tensor indices,
+                                                             Tensor x, Tensor W_enc) {
+  check_encode_args(x, W_enc);
+  check_dim(values, 2, "values");
+  check_dim(grad_values, 2, "grad_values");
+  check_dim(indices, 2, "indices");
+  check_index(indices, "indices");
+  check_same_dtype(values, x, "values", "x");
+  check_same_dtype(grad_values, x, "grad_values", "x");
+  for (const Tensor* t : {&values, &grad_values, &indices}) {
+    check_size(*t, 0, x.size(0), "values/grad_values/indices");
+    check_size(*t, 1, values.size(1), "values/grad_values/indices");
+    check_same_device(x, *t, "x", "values/grad_values/indices");
+  }
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const int64_t n = x.size(0), d = x.size(1), m = W_enc.size(1), k = values.size(1);
+  const ScalarType acc = acc_scalar_type(x.scalar_type());
+  Tensor grad_x = torch::stable::new_empty(x, {n, d});
+  Tensor grad_w_t = torch::stable::new_zeros(x, {m, d}, std::optional<ScalarType>(acc));
+  Tensor grad_b = torch::stable::new_zeros(x, {m}, std::optional<ScalarType>(acc));
+  if (n > 0 && d > 0 && k > 0) {
+    Tensor gv = contig(grad_values), v = contig(values), idx = contig(indices), xc = contig(x);
+    Tensor w_t = contig(torch::stable::transpose(W_enc, 0, 1));  // [m, d]: coalesced gathers
+    cudaStream_t stream = current_stream(x);
+    dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
+    CONCEPT_EXT_DISPATCH_FLOATING(x.scalar_type(), "topk_encode_backward", [&] {
+      CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "topk_encode_backward", [&] {
+        topk_backward_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
+            ptr<scalar_t>(gv), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(xc), ptr<scalar_t>(w_t),
+            ptr<scalar_t>(grad_x), ptr<acc_t<scalar_t>>(grad_w_t), ptr<acc_t<scalar_t>>(grad_b), k, d);
+      });
+    });
+    CONCEPT_EXT_CHECK_LAUNCH("topk_encode_backward");
+  } else if (n > 0) {
+    torch::stable::zero_(grad_x);
+  }
+  Tensor grad_w = contig(to_dtype(torch::stable::transpose(grad_w_t, 0, 1), W_enc.scalar_type()));  // [d, m]
+  return {grad_x, grad_w, to_dtype(grad_b, W_enc.scalar_type())};
+}
+
+}  // namespace concept_ext

@@ -1,0 +1,93 @@
+"""Fine-tuning: restricted-head CE trains the model, schedule values, data order, optimiser fallback,
+atomic checkpoints and exact resumption, and the saved model reloads through load_backbone."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_bert, make_tiny_neox, needs_shared
+
+from concept_ext.backbones import load_backbone, weights_hash
+from concept_ext.classifier import Classifier
+from concept_ext.config_clf import FineTuneConfig
+from concept_ext.data import load_dataset
+from concept_ext.finetune import _lr_lambda, batch_order, finetune
+
+pytestmark = needs_shared
+QUICK = dict(steps=4, batch_size=4, lr=1e-3, warmup_ratio=0.25, eval_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def sst():
+    return load_dataset("sst2", "validation", max_rows=32)
+
+
+def test_presets_and_schedule():
+    p = FineTuneConfig.preset("paper")
+    assert (p.steps, p.batch_size, p.lr, p.warmup()) == (30_000, 2, 2e-6, 1500)  # method.md 1.4
+    assert FineTuneConfig.preset("v1").warmup() == 3000
+    assert FineTuneConfig.preset("paper", warmup_steps=500).warmup() == 500  # reference quirk (oddity 20)
+    f = _lr_lambda(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    with pytest.raises(ValueError):
+        FineTuneConfig(optimizer="sgd")
+
+
+def test_batch_order_is_a_seeded_bucketed_permutation():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
+    it = batch_order(lengths, 2, seed=3, bucket_factor=5)
+    epoch = [next(it) for _ in range(5)]
+    assert sorted(sum(epoch, [])) == list(range(10))
+    it2 = batch_order(lengths, 2, seed=3, bucket_factor=5)
+    assert [next(it2) for _ in range(5)] == epoch
+    assert [next(it) for _ in range(5)] != epoch  # the next epoch reshuffles
+
+
+def test_finetune_trains_and_records_fallback(pythia_tokenizer, sst, tmp_path):
+    bb = make_tiny_neox(pythia_tokenizer)
+    clf = Classifier(bb, sst.class_names)
+    before = weights_hash(bb.model)
+    cfg = FineTuneConfig(**QUICK, optimizer="adamw8bit")
+    res = finetune(clf, sst, config=cfg, test=sst, out_dir=tmp_path / "ft")
+    assert res.steps == 4 and len(res.losses) == 4 and all(math.isfinite(x) for x in res.losses)
+    assert res.optimizer_used.startswith("torch.optim.AdamW (fallback from adamw8bit")
+    assert weights_hash(bb.model) != before and not bb.model.training
+    assert 0.0 <= res.train_acc <= 1.0 and res.test_acc == res.train_acc
+    # the saved model reloads from its folder and predicts the same
+    again = Classifier(load_backbone(res.model_dir), sst.class_names)
+    torch.testing.assert_close(again.predict(sst.texts[:4]).logits, clf.predict(sst.texts[:4]).logits)
+
+
+def test_resume_is_exact(pythia_tokenizer, sst, tmp_path, monkeypatch):
+    cfg = FineTuneConfig(**QUICK, checkpoint_every=2)
+    straight = Classifier(make_tiny_neox(pythia_tokenizer), sst.class_names)
+    finetune(straight, sst, config=cfg, out_dir=tmp_path / "a")
+
+    crashed = Classifier(make_tiny_neox(pythia_tokenizer), sst.class_names)
+    calls = {"n": 0}
+    real = crashed.forward_batch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(crashed, "forward_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(crashed, sst, config=cfg, out_dir=tmp_path / "b")
+    assert (tmp_path / "b" / "ckpt-00000002").is_dir() and not list((tmp_path / "b").glob(".ckpt*"))
+    resumed = Classifier(make_tiny_neox(pythia_tokenizer), sst.class_names)
+    res = finetune(resumed, sst, config=cfg, out_dir=tmp_path / "b")
+    assert res.resumed_from == 2 and len(res.losses) == 4
+    assert weights_hash(resumed.model) == weights_hash(straight.model)
+
+
+def test_encoder_finetune(tmp_path, sst):
+    bb = make_tiny_bert(tmp_path, num_labels=2)
+    clf = Classifier(bb, sst.class_names)
+    res = finetune(clf, sst, config=FineTuneConfig(**{**QUICK, "steps": 3}))
+    assert len(res.losses) == 3 and res.optimizer_used == "torch.optim.AdamW"

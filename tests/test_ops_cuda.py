@@ -1,0 +1,300 @@
+"""CUDA kernels of every concept_ext op vs the pure-PyTorch reference (concept_ext/reference.py).
+
+Skipped unless a GPU is visible and the compiled extension registered CUDA kernels (checked in the
+dispatch table, not guessed). Inputs are fresh random tensors: odd sizes, k = 1 and k = m, exact ties,
+empty batches, non-contiguous inputs, int32 indices, float32/float64/bfloat16 with dtype-based
+tolerances; outputs are allocated from a NaN-poisoned caching allocator so that an unwritten element
+shows up. Also: float64 gradcheck through the public wrappers, a non-default-stream run and a CUDA-graph
+capture of the training ops.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import concept_ext
+from concept_ext import reference as ref
+
+OPS = ["topk_encode", "topk_encode_backward", "sparse_decode", "sparse_decode_backward",
+       "activation_rate_loss", "activation_rate_loss_backward", "ablate_decode"]
+
+
+def _has_cuda_kernels() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", "CUDA") for op in OPS)
+
+
+pytestmark = pytest.mark.skipif(not _has_cuda_kernels(), reason="no GPU or no concept_ext CUDA kernels built")
+
+DEV = "cuda"
+OPS_NS = torch.ops.concept_ext
+# (rtol, atol) per dtype; sums run over at most a few hundred terms of O(1) values.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.bfloat16: (1.6e-2, 2e-2),
+       torch.float16: (2e-3, 4e-3)}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _poison() -> None:
+    """Leave NaN garbage in the caching allocator, so kernels that skip writing an output get caught."""
+    junk = torch.full((1 << 22,), float("nan"), device=DEV)
+    junk += 0
+    del junk
+
+
+def _close(actual, expected, dtype, scale: float = 1.0) -> None:
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _randn(*shape, dtype, g) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+
+
+def _code(n, k, m, dtype, g, *, ties=False, index_dtype=torch.int64, zeros=True):
+    """A sparse code [n, k]: distinct latents per row, positive values (some zeros)."""
+    idx = torch.argsort(torch.rand(n, m, generator=g, device=DEV), dim=1)[:, :k] if n else torch.empty(
+        (0, k), dtype=torch.int64, device=DEV)
+    if ties:  # few distinct levels -> many exact ties
+        vals = torch.randint(0, 4, (n, k), generator=g, device=DEV).float() / 2
+    else:
+        vals = torch.rand(n, k, generator=g, device=DEV) + 0.05
+        if zeros and n:
+            vals[:, -1] = 0.0
+    return vals.to(dtype), idx.to(index_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# topk_encode
+# --------------------------------------------------------------------------------------------------
+TOPK_CASES = [(0, 16, 32, 4), (1, 7, 13, 1), (37, 19, 53, 53), (65, 33, 300, 17), (130, 64, 1000, 64),
+              (5, 8, 3000, 2500)]
+
+
+def _check_topk(x, W, b, k, values, indices, dtype):
+    """Tie-aware: values match the reference's sorted top-k, and each index is a valid top-k choice."""
+    rv, _ = ref.topk_encode(x, W, b, k)
+    assert indices.dtype == torch.int64 and values.dtype == dtype
+    assert values.shape == indices.shape == (x.shape[0], k)
+    if x.shape[0] == 0:
+        return
+    assert not torch.isnan(values).any()
+    scale = float(rv.abs().max()) + 1.0
+    _close(values, rv, dtype, scale)
+    assert (values[:, 1:] <= values[:, :-1]).all(), "values must be sorted descending"
+    assert (indices.sort(1).values.diff(1) > 0).all(), "indices must be distinct within a row"
+    pre = x.double() @ W.double() + b.double()  # [n, m], exact enough to judge the selection
+    kth = pre.topk(k, dim=1).values[:, -1:]
+    chosen = pre.gather(1, indices)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4 * scale
+    assert (chosen >= kth - tol).all(), "a selected latent lies below the k-th largest pre-activation"
+    torch.testing.assert_close(chosen.clamp_min(0), values.double(), rtol=TOL[dtype][0] * 4,
+                               atol=TOL[dtype][1] * scale * 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,m,k", TOPK_CASES)
+def test_topk_encode(n, d, m, k, dtype):
+    g = _gen(n * 1000 + m + k)
+    x, W, b = _randn(n, d, dtype=dtype, g=g), _randn(d, m, dtype=dtype, g=g), _randn(m, dtype=dtype, g=g)
+    _poison()
+    values, indices = OPS_NS.topk_encode(x, W, b, k)
+    _check_topk(x, W, b, k, values, indices, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_encode_ties_and_noncontiguous(dtype):
+    g = _gen(7)
+    n, d, m, k = 41, 12, 97, 9
+    x = _randn(d, n, dtype=dtype, g=g).t()  # non-contiguous [n, d]
+    W = _randn(d, 2 * m, dtype=dtype, g=g)[:, ::2]  # non-contiguous [d, m]
+    W[:, 10:40] = W[:, 5:6]  # 31 identical latents: exact ties straddle the k-th place
+    b = torch.zeros(m, dtype=dtype, device=DEV)
+    b[5:40] = 3.0
+    values, indices = OPS_NS.topk_encode(x, W, b, k)
+    _check_topk(x, W, b, k, values, indices, dtype)
+
+
+def test_topk_encode_backward():
+    for dtype in DTYPES:
+        for idx_dtype in (torch.int64, torch.int32):
+            g = _gen(11)
+            n, d, m, k = 29, 21, 77, 6
+            x, W, b = _randn(n, d, dtype=dtype, g=g), _randn(d, m, dtype=dtype, g=g), _randn(m, dtype=dtype, g=g)
+            b[:] -= 1.0  # some selected pre-activations <= 0: the ReLU blocks their gradient
+            values, indices = ref.topk_encode(x, W, b, k)
+            gv = _randn(n, k, dtype=dtype, g=g)
+            _poison()
+            got = OPS_NS.topk_encode_backward(gv, values, indices.to(idx_dtype), x, W)
+            want = ref.topk_encode_backward(gv, values, indices, x, W)
+            for a, e in zip(got, want):
+                assert a.shape == e.shape and a.dtype == e.dtype
+                _close(a, e, dtype, scale=4.0)
+    # empty batch: zero weight gradients
+    x = torch.empty(0, 5, device=DEV)
+    W = torch.randn(5, 9, device=DEV)
+    e = torch.empty(0, 3, device=DEV)
+    gx, gw, gb = OPS_NS.topk_encode_backward(e, e, e.long(), x, W)
+    assert gx.shape == (0, 5) and (gw == 0).all() and (gb == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse_decode
+# --------------------------------------------------------------------------------------------------
+DECODE_CASES = [(0, 3, 10, 8), (1, 1, 5, 7), (33, 5, 40, 64), (17, 40, 40, 13), (64, 32, 1000, 260)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("n,k,m,d", DECODE_CASES)
+def test_sparse_decode(n, k, m, d, index_dtype, dtype):
+    g = _gen(n + k + m + d)
+    values, indices = _code(n, k, m, dtype, g, index_dtype=index_dtype)
+    if n:
+        indices[0, -1] = indices[0, 0]  # a duplicated latent in one row is summed
+    W, b = _randn(m, d, dtype=dtype, g=g), _randn(d, dtype=dtype, g=g)
+    _poison()
+    out = OPS_NS.sparse_decode(values, indices, W, b)
+    _close(out, ref.sparse_decode(values, indices, W, b), dtype, scale=float(k) ** 0.5)
+    grad_out = _randn(n, d, dtype=dtype, g=g)
+    _poison()
+    gv, gw = OPS_NS.sparse_decode_backward(grad_out, values, indices, W)
+    rgv, rgw = ref.sparse_decode_backward(grad_out, values, indices, W)
+    _close(gv, rgv, dtype, scale=float(d) ** 0.5)
+    _close(gw, rgw, dtype, scale=float(n) ** 0.5 + 1)
+
+
+def test_sparse_decode_noncontiguous():
+    g = _gen(3)
+    values, indices = _code(20, 8, 50, torch.float32, g)
+    W = _randn(36, 50, dtype=torch.float32, g=g).t()  # [50, 36] non-contiguous
+    b = _randn(72, dtype=torch.float32, g=g)[::2]
+    vt = values.t().contiguous().t()  # same values, column-major
+    _close(OPS_NS.sparse_decode(vt, indices, W, b), ref.sparse_decode(values, indices, W, b), torch.float32)
+    # d % 4 == 0 but W_dec starts 4 bytes past a 16-byte boundary: the float4 path must not be taken.
+    Wm = _randn(50 * 36 + 1, dtype=torch.float32, g=g)[1:].view(50, 36)
+    _close(OPS_NS.sparse_decode(values, indices, Wm, b), ref.sparse_decode(values, indices, Wm, b), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# activation_rate_loss
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("n,k,m", [(0, 4, 10), (1, 1, 3), (50, 7, 11), (300, 16, 40), (257, 3, 500)])
+def test_activation_rate_loss(n, k, m, rate, ties, dtype):
+    g = _gen(n * 7 + k + m)
+    values, indices = _code(n, k, m, dtype, g, ties=ties)
+    if n > 1 and k > 1:
+        values[1, 0] = -0.5  # negative entries are inactive but still get gradient 1/N
+    loss = OPS_NS.activation_rate_loss(values, indices, m, rate)
+    want = ref.activation_rate_loss(values, indices, m, rate)
+    assert loss.shape == () and loss.dtype == dtype
+    _close(loss, want, dtype, scale=float(k))
+    grad = torch.tensor(1.7, device=DEV, dtype=dtype)
+    _poison()
+    gv = OPS_NS.activation_rate_loss_backward(grad, values, indices.to(torch.int32), m, rate)
+    rgv = ref.activation_rate_loss_backward(grad, values, indices, m, rate)
+    # The top mask (ties: earliest row-major entry wins) must agree exactly: zero where the reference is.
+    assert torch.equal(gv == 0, rgv == 0)
+    _close(gv, rgv, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# ablate_decode
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("n,k,m,d,f", [(0, 3, 10, 4, 2), (1, 1, 5, 7, 5), (31, 6, 20, 33, 8),
+                                       (64, 12, 300, 65, 0), (40, 20, 60, 300, 25)])
+def test_ablate_decode(n, k, m, d, f, with_norm, dtype):
+    g = _gen(n + 3 * k + m + d + f)
+    values, indices = _code(n, k, m, dtype, g, zeros=True)
+    if n > 2 and k > 2:
+        indices[1, 1] = indices[1, 0]  # duplicate latent: entries summed, one pair
+        values[2, 0] = -0.3  # negative kept entry: in x_F, not a pair
+    keep = torch.randperm(m, generator=torch.Generator().manual_seed(f))[:f].to(DEV)
+    W, b = _randn(m, d, dtype=dtype, g=g), _randn(d, dtype=dtype, g=g)
+    tn = (torch.rand(n, generator=g, device=DEV) + 0.5).to(dtype) if with_norm else None
+    _poison()
+    got = OPS_NS.ablate_decode(values, indices.to(torch.int32), W, b, keep.to(torch.int32), tn)
+    want = ref.ablate_decode(values, indices, W, b, keep, tn)
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3]), "pair lists differ"
+    assert got[2].dtype == got[3].dtype == torch.int64
+    _close(got[0], want[0], dtype, scale=float(k) ** 0.5)
+    _close(got[1], want[1], dtype, scale=float(k) ** 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradients, streams, graphs
+# --------------------------------------------------------------------------------------------------
+def test_gradcheck_float64():
+    # Weight gradients use atomics, so a repeated backward may differ in the last bits: nondet_tol.
+    check = lambda f, inputs: torch.autograd.gradcheck(f, inputs, nondet_tol=1e-10)  # noqa: E731
+    g = _gen(5)
+    n, d, m, k = 6, 5, 9, 3
+    x = _randn(n, d, dtype=torch.float64, g=g).requires_grad_()
+    W = _randn(d, m, dtype=torch.float64, g=g).requires_grad_()
+    b = (_randn(m, dtype=torch.float64, g=g) + 2.0).requires_grad_()  # all selected values > 0
+    assert check(lambda *a: concept_ext.topk_encode(*a, k).values, (x, W, b))
+    values, indices = _code(n, k, m, torch.float64, g, zeros=False)
+    values.requires_grad_()
+    Wd = _randn(m, d, dtype=torch.float64, g=g).requires_grad_()
+    bd = _randn(d, dtype=torch.float64, g=g).requires_grad_()
+    assert check(lambda v, w, bb: concept_ext.sparse_decode(v, indices, w, bb), (values, Wd, bd))
+    assert check(lambda v: concept_ext.activation_rate_loss(v, indices, m, 0.5), (values,))
+
+
+def test_current_stream_is_used():
+    g = _gen(9)
+    x, W, b = _randn(70, 24, dtype=torch.float32, g=g), _randn(24, 300, dtype=torch.float32, g=g), _randn(
+        300, dtype=torch.float32, g=g)
+    want = ref.topk_encode(x, W, b, 8)[0]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        values, indices = OPS_NS.topk_encode(x, W, b, 8)
+        out = OPS_NS.sparse_decode(values, indices, W.t().contiguous(), b[:24].contiguous())
+    torch.cuda.current_stream().wait_stream(s)
+    _close(values, want, torch.float32, scale=10.0)
+    _close(out, ref.sparse_decode(values, indices, W.t().contiguous(), b[:24].contiguous()), torch.float32, 10.0)
+
+
+def test_cuda_graph_capture():
+    g = _gen(13)
+    n, d, m, k = 96, 48, 512, 16
+    x, W, b = _randn(n, d, dtype=torch.float32, g=g), _randn(d, m, dtype=torch.float32, g=g), _randn(
+        m, dtype=torch.float32, g=g)
+    Wd, bd = _randn(m, d, dtype=torch.float32, g=g), _randn(d, dtype=torch.float32, g=g)
+
+    def step(x):
+        values, indices = OPS_NS.topk_encode(x, W, b, k)
+        x_hat = OPS_NS.sparse_decode(values, indices, Wd, bd)
+        loss = OPS_NS.activation_rate_loss(values, indices, m, 0.1)
+        gv = OPS_NS.activation_rate_loss_backward(torch.ones((), device=DEV), values, indices, m, 0.1)
+        gv2, gw = OPS_NS.sparse_decode_backward(x_hat, values, indices, Wd)
+        gx, gwe, gbe = OPS_NS.topk_encode_backward(gv + gv2, values, indices, x, W)
+        return values, indices, x_hat, loss, gx, gw
+
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(static_x)  # warm-up (cuBLAS handles, allocator) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_x)
+    new_x = _randn(n, d, dtype=torch.float32, g=g)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step(new_x)
+    assert torch.equal(static_out[1], eager[1])
+    for a, e in zip(static_out, eager):
+        _close(a, e, torch.float32, scale=10.0)

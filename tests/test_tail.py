@@ -1,0 +1,86 @@
+"""The single-token tail equals the HF model run on a one-token sequence with v injected at the hook;
+the in-context variant reproduces the full-model logits from the cached layer-L inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import needs_shared
+
+from concept_ext.backbones import load_backbone
+from concept_ext.classifier import Classifier
+from concept_ext.config_clf import PromptConfig
+from concept_ext.hooks import replace_resid_pre
+from concept_ext.tail import ContextTail, SingleTokenTail, tail_ceiling
+
+pytestmark = needs_shared
+TEXTS = ["Stocks rallied after the earnings report.", "The match ended in a draw.", "New chip is faster.",
+         "Rain expected all week across the region, officials said on Monday."]
+
+
+def _one_token_reference(clf: Classifier, v: torch.Tensor) -> torch.Tensor:
+    """Independent oracle: the whole HF model on a 1-token input, v replacing the input of block L."""
+    tok = clf.tokenizer
+    first = tok.cls_token_id if clf.kind == "encoder" else clf.pad_id
+    rows = []
+    for i in range(v.shape[0]):
+        with torch.no_grad(), replace_resid_pre(clf.resolved.layers[clf.layer], torch.tensor([0]), v[i:i + 1]):
+            out = clf.model(input_ids=torch.tensor([[first]]))
+        rows.append(out.logits[0, -1, clf.label_ids] if clf.kind == "decoder" else out.logits[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_tail_equals_one_token_model_neox(tiny_neox, layer):
+    clf = Classifier(tiny_neox, ["a", "b", "c", "d"], layer=layer)
+    tail = SingleTokenTail(clf, chunk=3)
+    v = torch.randn(7, 32) * 2
+    torch.testing.assert_close(tail(v), _one_token_reference(clf, v), rtol=1e-5, atol=1e-5)
+    assert tail(v[:0]).shape == (0, 4)
+    with pytest.raises(ValueError):
+        tail(torch.randn(3, 31))
+
+
+def test_tail_other_families(pythia_tokenizer, tiny_bert):
+    from transformers import GPT2Config, LlamaConfig
+
+    llama = load_backbone(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=50304),
+                          tokenizer=pythia_tokenizer)
+    gpt2 = load_backbone(GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=50304), tokenizer=pythia_tokenizer)
+    for bb, names in ((llama, ["a", "b"]), (gpt2, ["a", "b", "c"]), (tiny_bert, ["a", "b", "c", "d"])):
+        clf = Classifier(bb, names, layer=0)
+        v = torch.randn(5, 32)
+        torch.testing.assert_close(SingleTokenTail(clf)(v), _one_token_reference(clf, v), rtol=1e-5, atol=1e-5)
+        ctx = ContextTail(clf, TEXTS)
+        torch.testing.assert_close(ctx(ctx.h_clean), ctx.clean_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tail_is_differentiable_and_ceiling(tiny_neox):
+    clf = Classifier(tiny_neox, ["a", "b"])
+    tail = SingleTokenTail(clf)
+    v = torch.randn(4, 32, requires_grad=True)
+    tail(v).sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    pr = clf.predict(TEXTS, batch_size=4)
+    c = tail_ceiling(tail, pr.hidden, pr.logits)
+    assert 0.0 <= c <= 1.0
+    assert c == float((tail(pr.hidden).argmax(-1) == pr.pred).float().mean())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_context_reproduces_full_logits(tiny_neox, side):
+    clf = Classifier(tiny_neox, ["a", "b", "c", "d"], layer=0, prompt=PromptConfig(padding_side=side))
+    ctx = ContextTail(clf, TEXTS)
+    single = clf.predict(TEXTS, batch_size=1)
+    torch.testing.assert_close(ctx(single.hidden), single.logits, rtol=1e-4, atol=1e-5)  # ctx(h) = o
+    # arbitrary u into chosen sentences == a full forward with u spliced in at block L
+    u = torch.randn(5, 32)
+    rows = torch.tensor([3, 0, 3, 1, 2])
+    got = ctx(u, rows, chunk=2)
+    for j in range(5):
+        b = clf.batch(clf.encode([TEXTS[rows[j]]]).ids)
+        with torch.no_grad(), replace_resid_pre(clf.resolved.layers[0], b["positions"], u[j:j + 1]):
+            ref = clf.forward_batch(b, hidden=False).logits[0]
+        torch.testing.assert_close(got[j], ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        ctx(u)
