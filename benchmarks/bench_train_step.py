@@ -12,6 +12,7 @@ their gradients are asserted equal. Sizes come from ``conftest.py`` (smoke unles
 k=32). Which kernel serves each op is stored in ``extra_info`` (``concept_ext.info.kernel_for``).
 Compare ratios within one run: ``--benchmark-group-by=group``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,9 @@ CFG = TrainConfig(lambda_mse=0.02, lambda_ar=0.02, lambda_cls=1.0, target_rate=0
 
 
 def _problem(size, device):
-    sae = ClassifSAE(SAEConfig(d=size.d, m=size.m, k=size.k, n_concepts=N_CONCEPTS, n_classes=N_CLASSES)).to(device)
+    sae = ClassifSAE(SAEConfig(d=size.d, m=size.m, k=size.k, n_concepts=N_CONCEPTS, n_classes=N_CLASSES)).to(
+        device
+    )
     gen = torch.Generator().manual_seed(0)
     h = (torch.randn(size.n, size.d, generator=gen) * 2 + 0.3).to(device)
     y = torch.randint(0, N_CLASSES, (size.n,), generator=gen).to(device)
@@ -89,8 +92,9 @@ def test_train_step(benchmark, size, impl):
         return loss
 
     benchmark.group = f"train_step {size.name} B={size.n} d={size.d} m={size.m} k={size.k} {device}"
-    benchmark.extra_info.update({op: kernel_for(op, device) for op in
-                                 ("topk_encode", "sparse_decode", "activation_rate_loss")})
+    benchmark.extra_info.update(
+        {op: kernel_for(op, device) for op in ("topk_encode", "sparse_decode", "activation_rate_loss")}
+    )
     rounds = (5 if size.m <= 4096 else 3) if FULL else 2
     loss = benchmark.pedantic(run, setup=zero, rounds=rounds, warmup_rounds=1)
     # Agreement with the other implementation (same loss, same gradients).
@@ -100,4 +104,4 @@ def test_train_step(benchmark, size, impl):
     loss_other = other(sae, h, y)
     torch.testing.assert_close(loss, loss_other, rtol=1e-4, atol=1e-6)
     for (name, p), g in zip(sae.named_parameters(), grads):
-        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -14,6 +14,7 @@ Layout of ``<dir>/`` (named by samples seen, e.g. ``ckpt_000010000000``):
 Writes are atomic: everything goes into a hidden temporary folder that is renamed into place at the
 end, so an interrupted save never leaves a half-written checkpoint under the final name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,14 @@ from torch import Tensor
 from .config_sae import SAEConfig, TrainConfig, from_dict
 from .sae import TopKSAE, build_sae
 
-__all__ = ["FORMAT_VERSION", "FiringStats", "Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_name"]
+__all__ = [
+    "FORMAT_VERSION",
+    "FiringStats",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_name",
+]
 
 #: Version of the checkpoint layout; loading rejects any other value.
 FORMAT_VERSION = 1
@@ -48,6 +56,10 @@ class FiringStats(NamedTuple):
     """``[m]`` int64: training steps since each latent last fired."""
     samples_seen: int
     """Training sentences seen when these were recorded (denominator of activation rates)."""
+
+    def rates(self) -> Tensor:
+        """``[m]`` float64 per-latent activation rate over the training sentences seen."""
+        return self.counts.double() / max(self.samples_seen, 1)
 
 
 class Checkpoint(NamedTuple):
@@ -89,15 +101,22 @@ def save_checkpoint(
     firing: Optional[FiringStats] = None,
     metadata: Optional[dict[str, Any]] = None,
     trainer_state: Optional[dict[str, Any]] = None,
+    model_id: Optional[str] = None,
+    hook_layer: Optional[int] = None,
+    class_names: Optional[list[str]] = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (replacing an existing one). Returns the path.
 
-    ``metadata`` should carry the provenance of the activations: ``model_id``, ``hook_layer``,
-    ``class_names`` (recorded at the top level of cfg.json) and any other JSON-serialisable keys.
+    ``model_id``, ``hook_layer`` and ``class_names`` record where the activations came from (top level
+    of cfg.json; they may also be given as keys of ``metadata``); ``metadata`` holds any other
+    JSON-serialisable provenance.
     """
     path = Path(path)
     cfg = sae.cfg
     meta = dict(metadata or {})
+    for key, val in (("model_id", model_id), ("hook_layer", hook_layer), ("class_names", class_names)):
+        if val is not None:
+            meta[key] = list(val) if key == "class_names" else val
     doc = {
         "format_version": FORMAT_VERSION,
         "architecture": cfg.architecture,
@@ -125,8 +144,10 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "sae.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
         if firing is not None:
             save_file(
-                {"counts": firing.counts.detach().cpu().long().contiguous(),
-                 "steps_since_fired": firing.steps_since_fired.detach().cpu().long().contiguous()},
+                {
+                    "counts": firing.counts.detach().cpu().long().contiguous(),
+                    "steps_since_fired": firing.steps_since_fired.detach().cpu().long().contiguous(),
+                },
                 str(tmp / "firing.safetensors"),
                 metadata={"format_version": str(FORMAT_VERSION), "samples_seen": str(firing.samples_seen)},
             )
@@ -156,7 +177,8 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"checkpoint {str(path)!r} has format_version {version!r}; this concept_ext reads {FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format_version {version!r}; "
+            f"this concept_ext reads {FORMAT_VERSION}"
         )
     if doc.get("architecture") not in _ARCHS:
         raise ValueError(f"checkpoint {str(path)!r} has unknown architecture {doc.get('architecture')!r}")
@@ -182,7 +204,8 @@ def load_checkpoint(
     for key in ("d", "m", "k", "n_concepts", "architecture"):
         if doc.get(key) != getattr(cfg, key):
             raise ValueError(
-                f"checkpoint {str(path)!r}: cfg.json field {key} = {doc.get(key)!r} disagrees with its SAE config "
+                f"checkpoint {str(path)!r}: cfg.json field {key} = {doc.get(key)!r} "
+                f"disagrees with its SAE config "
                 f"({getattr(cfg, key)!r})"
             )
     if expected_d is not None and expected_d != cfg.d:
@@ -199,7 +222,8 @@ def load_checkpoint(
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"checkpoint {str(path)!r}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                f"from cfg.json (d={cfg.d}, m={cfg.m}, n_concepts={cfg.n_concepts}, n_classes={cfg.n_classes})"
+                f"from cfg.json (d={cfg.d}, m={cfg.m}, n_concepts={cfg.n_concepts}, "
+                f"n_classes={cfg.n_classes})"
             )
     sae = build_sae(cfg)
     sae.load_state_dict({n: tensors[n] for n in shapes})
@@ -211,7 +235,10 @@ def load_checkpoint(
         fr = load_file(str(firing_file))
         for name in ("counts", "steps_since_fired"):
             if tuple(fr[name].shape) != (cfg.m,):
-                raise ValueError(f"checkpoint {str(path)!r}: firing {name} has shape {tuple(fr[name].shape)}, expected ({cfg.m},)")
+                raise ValueError(
+                    f"checkpoint {str(path)!r}: firing {name} has shape {tuple(fr[name].shape)}, "
+                    f"expected ({cfg.m},)"
+                )
         firing = FiringStats(fr["counts"], fr["steps_since_fired"], int(doc.get("samples_seen") or 0))
     meta = dict(doc.get("metadata") or {})
     for key in ("class_names", "hook_layer", "model_id"):

@@ -8,6 +8,7 @@ Values come from method.md sections 2.1-2.7 (v2, the default) and 8 (v1). Preset
 
 Per-(model, dataset) coefficients live in the tables :data:`V2_COEFFICIENTS` and :data:`V1_COEFFICIENTS`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,19 +103,27 @@ class SAEConfig:
         if not 0 <= self.n_concepts <= self.m:
             raise ValueError(f"SAEConfig.n_concepts must lie in [0, m = {self.m}], got {self.n_concepts}")
         if self.architecture not in ("classif_topk", "topk"):
-            raise ValueError(f"SAEConfig.architecture must be 'classif_topk' or 'topk', got {self.architecture!r}")
+            raise ValueError(
+                f"SAEConfig.architecture must be 'classif_topk' or 'topk', got {self.architecture!r}"
+            )
         if self.architecture == "classif_topk":
             if self.n_concepts < 1:
-                raise ValueError("SAEConfig.n_concepts must be >= 1 for a ClassifSAE (architecture='classif_topk')")
+                raise ValueError(
+                    "SAEConfig.n_concepts must be >= 1 for a ClassifSAE (architecture='classif_topk')"
+                )
             if self.n_classes < 2:
                 raise ValueError(f"SAEConfig.n_classes must be >= 2 for a ClassifSAE, got {self.n_classes}")
         if self.normalize not in ("constant_norm_rescale", "none"):
-            raise ValueError(f"SAEConfig.normalize must be 'constant_norm_rescale' or 'none', got {self.normalize!r}")
+            raise ValueError(
+                f"SAEConfig.normalize must be 'constant_norm_rescale' or 'none', got {self.normalize!r}"
+            )
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"SAEConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
     @classmethod
-    def for_model(cls, model: str, *, n_classes: int, architecture: str = "classif_topk", **overrides: Any) -> "SAEConfig":
+    def for_model(
+        cls, model: str, *, n_classes: int, architecture: str = "classif_topk", **overrides: Any
+    ) -> "SAEConfig":
         """The paper's SAE for a backbone: d from :data:`MODELS`, m = 2d, k = 10, n = 20."""
         return cls(d=_model_entry(model)["d"], n_classes=n_classes, architecture=architecture, **overrides)
 
@@ -205,11 +214,18 @@ class TrainConfig:
                 f"batch_size={self.batch_size}, total_samples={self.total_samples}"
             )
         if self.schedule not in ("paper", "cosine", "constant"):
-            raise ValueError(f"TrainConfig.schedule must be 'paper', 'cosine' or 'constant', got {self.schedule!r}")
+            raise ValueError(
+                f"TrainConfig.schedule must be 'paper', 'cosine' or 'constant', got {self.schedule!r}"
+            )
         if self.mse_normalization not in ("dense_batch", "fvu"):
-            raise ValueError(f"TrainConfig.mse_normalization must be 'dense_batch' or 'fvu', got {self.mse_normalization!r}")
+            raise ValueError(
+                "TrainConfig.mse_normalization must be 'dense_batch' or 'fvu', "
+                f"got {self.mse_normalization!r}"
+            )
         if self.dead_latents not in ("ghost", "auxk", "none"):
-            raise ValueError(f"TrainConfig.dead_latents must be 'ghost', 'auxk' or 'none', got {self.dead_latents!r}")
+            raise ValueError(
+                f"TrainConfig.dead_latents must be 'ghost', 'auxk' or 'none', got {self.dead_latents!r}"
+            )
         if not 0.0 <= self.target_rate <= 1.0:
             raise ValueError(f"TrainConfig.target_rate must lie in [0, 1], got {self.target_rate}")
         if self.lr <= 0 or self.lr_end < 0:
@@ -249,9 +265,18 @@ class TrainConfig:
         vals: dict[str, Any] = {"preset_name": canon}
         if canon == "quick":
             # Small batches and a high lr so that a few thousand steps already give a usable SAE.
-            vals.update(total_samples=256 * 1500, batch_size=256, lr=1e-3, lr_end=1e-5, schedule="cosine",
-                        lambda_mse=1.0, lambda_ar=0.1 if method == "classifsae" else 0.0,
-                        lambda_cls=1.0 if method == "classifsae" else 0.0, dead_window=50, log_every=25)
+            vals.update(
+                total_samples=256 * 1500,
+                batch_size=256,
+                lr=1e-3,
+                lr_end=1e-5,
+                schedule="cosine",
+                lambda_mse=1.0,
+                lambda_ar=0.1 if method == "classifsae" else 0.0,
+                lambda_cls=1.0 if method == "classifsae" else 0.0,
+                dead_window=50,
+                log_every=25,
+            )
         else:
             table = V2_COEFFICIENTS if canon == "paper-v2" else V1_COEFFICIENTS
             if (model, dataset) not in table:

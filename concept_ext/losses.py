@@ -7,6 +7,7 @@ v1:  L = lambda_cls * L_CE + w(e) * (lambda_mse * L_mse + lambda_ar * L_ar + L_g
 Every term is returned separately in :class:`LossTerms`. Everything works on the sparse code
 ``(values, indices)``; only the |D| dead columns of the pre-activations are ever formed densely.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -167,8 +168,14 @@ def sae_losses(
         pre_dead = sae.preactivations(x_clean, dead_idx)
         if cfg.dead_latents == "ghost":
             scale = cfg.lambda_mse if cfg.loss_version == "v1" else 1.0
-            l_ghost = ghost_grad_loss(pre_dead, sae.W_dec[dead_idx], h - h_hat, e,
-                                      normalization=cfg.mse_normalization, ratio_scale=scale)
+            l_ghost = ghost_grad_loss(
+                pre_dead,
+                sae.W_dec[dead_idx],
+                h - h_hat,
+                e,
+                normalization=cfg.mse_normalization,
+                ratio_scale=scale,
+            )
         else:
             k_aux = min(sae.d // 2, dead_idx.numel())
             x_hat = h_hat * s_clean[:, None]  # back to the normalised space
@@ -187,4 +194,6 @@ def sae_losses(
         total = cfg.lambda_cls * l_ce + loss_weight * (recon + cfg.lambda_ar * l_ar + l_ghost)
     else:
         total = recon + cfg.lambda_mse * l_ghost + cfg.lambda_ar * l_ar + cfg.lambda_cls * l_ce
-    return LossOutput(LossTerms(total, l_mse, l_ghost, l_aux, l_ar, l_ce), h_hat, code.values, code.indices, logits)
+    return LossOutput(
+        LossTerms(total, l_mse, l_ghost, l_aux, l_ar, l_ce), h_hat, code.values, code.indices, logits
+    )

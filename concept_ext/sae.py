@@ -7,6 +7,7 @@ matrix. :func:`dense_code` builds the dense matrix for users who want it.
 Inputs may have any leading shape ``[..., d]``; they are flattened internally and outputs get the same
 leading shape back.
 """
+
 from __future__ import annotations
 
 import math
@@ -174,7 +175,9 @@ class TopKSAE(nn.Module):
         """Encode, decode back to the input's scale and (ClassifSAE) classify. ``h``: ``[..., d]``."""
         code = self.encode(h)
         h_hat = self.decode(code.values, code.indices, code.scale, stopgrad_class=stopgrad_class)
-        return SAEOutput(h_hat, code.values, code.indices, code.scale, self.classify(code.values, code.indices))
+        return SAEOutput(
+            h_hat, code.values, code.indices, code.scale, self.classify(code.values, code.indices)
+        )
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -4,10 +4,10 @@ Each step: (1) renormalise the decoder rows; (2) forward and losses, firing coun
 (4) project grad W_dec orthogonally to the rows; (5) clip the gradient norm; (6) Adam step with the
 scheduled learning rate. Same seed => same weights on CPU; a resumed run equals an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -19,112 +19,11 @@ from .checkpoint import FiringStats, checkpoint_name, load_checkpoint, save_chec
 from .config_sae import SAEConfig, TrainConfig, resolve_device
 from .losses import LossOutput, sae_losses
 from .sae import TopKSAE, build_sae
+from .train_state import DataOrder, EpochCounter, FiringTracker, lr_at
 
 logger = logging.getLogger("concept_ext")
 
 __all__ = ["lr_at", "FiringTracker", "DataOrder", "EpochCounter", "TrainResult", "Trainer", "train_sae"]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of 0-based ``step`` (method.md 2.4).
-
-    ``"paper"``: cosine from lr to lr_end over the first T - decay_steps steps, then a linear tail
-    lr_end * (1 - i/decay_steps) (oddity 10: with T steps and decay_steps = 2 this gives lr_end at
-    T-2 and lr_end/2 at T-1). ``"cosine"``: lr_end + (lr - lr_end)(1 + cos(pi t / T))/2.
-    """
-    T = cfg.total_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        return cfg.lr_end + (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * step / T)) / 2
-    tail = min(cfg.decay_steps, T - 1)
-    main = T - tail
-    if step < main:
-        return cfg.lr_end + (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * step / main)) / 2
-    return cfg.lr_end * (1 - (step - main) / tail)
-
-
-class FiringTracker:
-    """Per-latent firing counts and steps-since-fired, updated from the sparse code (O(B k))."""
-
-    def __init__(self, m: int, device: Union[str, torch.device]) -> None:
-        self.counts = torch.zeros(m, dtype=torch.int64, device=device)  # [m]
-        self.steps_since = torch.zeros(m, dtype=torch.int64, device=device)  # [m]
-        self.samples_seen = 0
-
-    def dead_mask(self, window: int) -> Tensor:
-        """``[m]`` bool: latents that have not fired for more than ``window`` steps."""
-        return self.steps_since > window
-
-    def update(self, values: Tensor, indices: Tensor) -> None:
-        """Count positive entries of the code ``values/indices [B, k]`` (inactive when <= 0)."""
-        batch = torch.bincount(indices[values > 0], minlength=self.counts.numel())
-        self.counts += batch
-        self.steps_since += 1
-        self.steps_since[batch > 0] = 0
-        self.samples_seen += values.shape[0]
-
-    def stats(self) -> FiringStats:
-        return FiringStats(self.counts.clone(), self.steps_since.clone(), self.samples_seen)
-
-    def rates(self) -> Tensor:
-        """``[m]`` per-latent activation rate over the training sentences seen."""
-        return self.counts.double() / max(self.samples_seen, 1)
-
-
-class DataOrder:
-    """Batches of row ids from a fresh seeded permutation per pass, wrapping across passes (method.md 2.5).
-
-    The permutation of pass p is drawn from its own generator seeded from (seed, p), so the state is just
-    (pass, position).
-    """
-
-    def __init__(self, n: int, seed: int, device: Union[str, torch.device]) -> None:
-        self.n, self.seed, self.device = n, seed, device
-        self.pass_idx, self.pos = 0, 0
-        self._perm: Optional[Tensor] = None
-
-    def _permutation(self) -> Tensor:
-        if self._perm is None:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.pass_idx)
-            self._perm = torch.randperm(self.n, generator=gen).to(self.device)
-        return self._perm
-
-    def next(self, rows: int) -> Tensor:
-        """The next ``rows`` row ids ``[rows]``."""
-        parts = []
-        while rows > 0:
-            perm = self._permutation()
-            take = min(rows, self.n - self.pos)
-            parts.append(perm[self.pos:self.pos + take])
-            self.pos += take
-            rows -= take
-            if self.pos == self.n:
-                self.pass_idx, self.pos, self._perm = self.pass_idx + 1, 0, None
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def state(self) -> dict[str, int]:
-        return {"pass": self.pass_idx, "pos": self.pos}
-
-    def load(self, state: dict[str, int]) -> None:
-        self.pass_idx, self.pos, self._perm = int(state["pass"]), int(state["pos"]), None
-
-
-class EpochCounter:
-    """The epoch counter of method.md 2.3: before each step add B; on reaching N_train, subtract it and
-    count an epoch. It decides the two-phase switch (and v1's decay)."""
-
-    def __init__(self, n_train: int) -> None:
-        self.n_train = n_train
-        self.count, self.epoch = 0, 0
-
-    def advance(self, batch_size: int) -> int:
-        """Account for one step of ``batch_size`` samples; returns the epoch for that step."""
-        self.count += batch_size
-        while self.count >= self.n_train:
-            self.count -= self.n_train
-            self.epoch += 1
-        return self.epoch
 
 
 class TrainResult(NamedTuple):
@@ -154,18 +53,33 @@ class Trainer:
         metadata: provenance recorded in checkpoints (model_id, hook_layer, class_names, ...).
     """
 
-    def __init__(self, sae: TopKSAE, cfg: TrainConfig, activations: Tensor, labels: Optional[Tensor] = None, *,
-                 out_dir: Optional[Union[str, Path]] = None, metadata: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        sae: TopKSAE,
+        cfg: TrainConfig,
+        activations: Tensor,
+        labels: Optional[Tensor] = None,
+        *,
+        out_dir: Optional[Union[str, Path]] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> None:
         if activations.dim() != 2 or activations.shape[1] != sae.d:
             raise ValueError(f"activations must have shape [N, d = {sae.d}], got {tuple(activations.shape)}")
         if sae.cfg.architecture == "classif_topk":
             if labels is None:
-                raise ValueError("labels (LLM-predicted classes, shape [N]) are required to train a ClassifSAE")
+                raise ValueError(
+                    "labels (LLM-predicted classes, shape [N]) are required to train a ClassifSAE"
+                )
         if labels is not None:
             if labels.shape != (activations.shape[0],):
-                raise ValueError(f"labels must have shape [N = {activations.shape[0]}], got {tuple(labels.shape)}")
-            if sae.cfg.architecture == "classif_topk" and labels.numel() and (
-                    int(labels.min()) < 0 or int(labels.max()) >= sae.cfg.n_classes):
+                raise ValueError(
+                    f"labels must have shape [N = {activations.shape[0]}], got {tuple(labels.shape)}"
+                )
+            if (
+                sae.cfg.architecture == "classif_topk"
+                and labels.numel()
+                and (int(labels.min()) < 0 or int(labels.max()) >= sae.cfg.n_classes)
+            ):
                 raise ValueError(f"labels must lie in [0, n_classes = {sae.cfg.n_classes})")
         self.cfg = cfg
         self.device = torch.device(resolve_device(cfg.device))
@@ -225,8 +139,16 @@ class Trainer:
         if cfg.loss_version == "v1" and sae.cfg.architecture == "classif_topk":
             weight = max(0.0, 1.0 - self.epoch / self.e_total)  # v1 linear decay w(e)
         dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
-        out = sae_losses(sae, h, labels, cfg, dead_mask=dead, stopgrad_class=self.stopgrad_active,
-                         loss_weight=weight, noise_gen=self.noise_gen)  # (2)
+        out = sae_losses(
+            sae,
+            h,
+            labels,
+            cfg,
+            dead_mask=dead,
+            stopgrad_class=self.stopgrad_active,
+            loss_weight=weight,
+            noise_gen=self.noise_gen,
+        )  # (2)
         if not bool(torch.isfinite(out.terms.total)):
             vals = {k: float(v.detach()) for k, v in out.terms._asdict().items()}
             raise FloatingPointError(f"non-finite loss at step {self.step} (0-based): {vals}")
@@ -264,7 +186,9 @@ class Trainer:
         cfg = self.cfg
         stop = cfg.total_steps if steps is None else min(cfg.total_steps, self.step + steps)
         run = self._wandb()
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not cfg.progress, desc="SAE", unit="step")
+        bar = tqdm(
+            total=cfg.total_steps, initial=self.step, disable=not cfg.progress, desc="SAE", unit="step"
+        )
         self.sae.train()
         try:
             while self.step < stop:
@@ -272,17 +196,26 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     metrics = self._metrics(out)
                     self.history.append(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss/total']:.4g}", ev=f"{metrics['explained_variance']:.3f}",
-                                    dead=f"{metrics['dead_fraction']:.3f}")
+                    bar.set_postfix(
+                        loss=f"{metrics['loss/total']:.4g}",
+                        ev=f"{metrics['explained_variance']:.3f}",
+                        dead=f"{metrics['dead_fraction']:.3f}",
+                    )
                     logger.debug("step %d: %s", self.step, metrics)
                     if run is not None:
                         run.log(metrics, step=self.step)
                 bar.update(1)
                 every = cfg.checkpoint_every
                 done = self.step * cfg.batch_size
-                if self.out_dir is not None and every > 0 and done // every > (done - cfg.batch_size) // every:
+                if (
+                    self.out_dir is not None
+                    and every > 0
+                    and done // every > (done - cfg.batch_size) // every
+                ):
                     self.save(self.out_dir / checkpoint_name(done))
-            final = None if self.out_dir is None else self.out_dir / checkpoint_name(self.step * cfg.batch_size)
+            final = (
+                None if self.out_dir is None else self.out_dir / checkpoint_name(self.step * cfg.batch_size)
+            )
             if final is not None and self.step == cfg.total_steps and self.last_checkpoint != final:
                 self.save(final)
         finally:
@@ -299,8 +232,10 @@ class Trainer:
 
             import wandb  # optional dependency
 
-            return wandb.init(project=self.cfg.wandb_project,
-                              config={"train": dataclasses.asdict(self.cfg), "sae": dataclasses.asdict(self.sae.cfg)})
+            return wandb.init(
+                project=self.cfg.wandb_project,
+                config={"train": dataclasses.asdict(self.cfg), "sae": dataclasses.asdict(self.sae.cfg)},
+            )
         except Exception as exc:  # noqa: BLE001 - wandb problems must never stop training
             logger.warning("wandb logging disabled: %s", exc)
             return None
@@ -310,11 +245,16 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything beyond the weights needed for an exact resume."""
         state = {
-            "step": self.step, "epoch": self.epochs.epoch, "sample_count": self.epochs.count,
-            "order": self.order.state(), "optimizer": self.opt.state_dict(),
-            "noise_rng": self.noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "epoch": self.epochs.epoch,
+            "sample_count": self.epochs.count,
+            "order": self.order.state(),
+            "optimizer": self.opt.state_dict(),
+            "noise_rng": self.noise_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
             "samples_seen": self.firing.samples_seen,
-            "counts": self.firing.counts.cpu(), "steps_since": self.firing.steps_since.cpu(),
+            "counts": self.firing.counts.cpu(),
+            "steps_since": self.firing.steps_since.cpu(),
         }
         return state
 
@@ -332,14 +272,27 @@ class Trainer:
     def save(self, path: Union[str, Path]) -> Path:
         """Write a checkpoint (with trainer state when cfg.save_trainer_state)."""
         state = self.state_dict() if self.cfg.save_trainer_state else None
-        self.last_checkpoint = save_checkpoint(path, self.sae, train_cfg=self.cfg, firing=self.firing.stats(),
-                                               metadata=self.metadata, trainer_state=state)
+        self.last_checkpoint = save_checkpoint(
+            path,
+            self.sae,
+            train_cfg=self.cfg,
+            firing=self.firing.stats(),
+            metadata=self.metadata,
+            trainer_state=state,
+        )
         logger.info("saved checkpoint %s (step %d)", self.last_checkpoint, self.step)
         return self.last_checkpoint
 
     @classmethod
-    def resume(cls, path: Union[str, Path], activations: Tensor, labels: Optional[Tensor] = None, *,
-               out_dir: Optional[Union[str, Path]] = None, cfg: Optional[TrainConfig] = None) -> "Trainer":
+    def resume(
+        cls,
+        path: Union[str, Path],
+        activations: Tensor,
+        labels: Optional[Tensor] = None,
+        *,
+        out_dir: Optional[Union[str, Path]] = None,
+        cfg: Optional[TrainConfig] = None,
+    ) -> "Trainer":
         """A trainer restored from a checkpoint saved with trainer state; ``cfg`` defaults to the saved one
         and ``out_dir`` to the checkpoint's parent folder."""
         ck = load_checkpoint(path, expected_d=activations.shape[-1], load_trainer_state=True)
@@ -352,8 +305,15 @@ class Trainer:
         return trainer
 
 
-def train_sae(activations: Tensor, labels: Optional[Tensor], sae_cfg: SAEConfig, cfg: TrainConfig, *,
-              out_dir: Optional[Union[str, Path]] = None, metadata: Optional[dict[str, Any]] = None) -> TrainResult:
+def train_sae(
+    activations: Tensor,
+    labels: Optional[Tensor],
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    *,
+    out_dir: Optional[Union[str, Path]] = None,
+    metadata: Optional[dict[str, Any]] = None,
+) -> TrainResult:
     """Build the SAE of ``sae_cfg`` and train it on ``activations [N, d]`` (and ``labels [N]``)."""
     trainer = Trainer(build_sae(sae_cfg), cfg, activations, labels, out_dir=out_dir, metadata=metadata)
     return trainer.train()

@@ -1,4 +1,5 @@
 """Planted synthetic SAE problem shared by the SAE tests (not a test module)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -16,8 +17,15 @@ class Planted(NamedTuple):
     label_dirs: Tensor  # [C] direction id that decides each class
 
 
-def planted(n: int = 4000, d: int = 32, n_dirs: int = 48, active: int = 3, n_classes: int = 3,
-            noise: float = 0.02, seed: int = 0) -> Planted:
+def planted(
+    n: int = 4000,
+    d: int = 32,
+    n_dirs: int = 48,
+    active: int = 3,
+    n_classes: int = 3,
+    noise: float = 0.02,
+    seed: int = 0,
+) -> Planted:
     gen = torch.Generator().manual_seed(seed)
     dirs = torch.randn(n_dirs, d, generator=gen)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
@@ -27,6 +35,8 @@ def planted(n: int = 4000, d: int = 32, n_dirs: int = 48, active: int = 3, n_cla
     others = torch.rand(n, n_dirs - n_classes, generator=gen).argsort(1)[:, : active - 1] + n_classes
     idx = torch.cat([label_dirs[labels][:, None], others], 1)  # [N, active]
     coef = 0.5 + torch.rand(n, active, generator=gen)  # non-negative, bounded away from 0
-    h = torch.zeros(n, n_dirs).index_put_((torch.arange(n)[:, None].expand_as(idx), idx), coef, accumulate=True)
+    h = torch.zeros(n, n_dirs).index_put_(
+        (torch.arange(n)[:, None].expand_as(idx), idx), coef, accumulate=True
+    )
     h = h @ dirs + noise * torch.randn(n, d, generator=gen)
     return Planted(h, labels, dirs, label_dirs)

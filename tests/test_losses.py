@@ -1,4 +1,5 @@
 """Loss terms vs dense formulas written out independently (method.md 2.3, 2.7), schedule and epoch switch."""
+
 from __future__ import annotations
 
 import math
@@ -170,8 +171,10 @@ def test_paper_schedule_values():
     assert lr_at(50, cos) == pytest.approx(5e-7 + (5e-5 - 5e-7) / 2)
 
 
-@pytest.mark.parametrize("n_train,batch,first_sg_step", [(120_000, 500, 9_840), (11_916, 2000, 2_497),
-                                                          (45_615, 1000, 4_973), (25_000, 500, 10_000)])
+@pytest.mark.parametrize(
+    "n_train,batch,first_sg_step",
+    [(120_000, 500, 9_840), (11_916, 2000, 2_497), (45_615, 1000, 4_973), (25_000, 500, 10_000)],
+)
 def test_epoch_switch_matches_table(n_train, batch, first_sg_step):
     # method.md 2.3 table: the first stop-gradient step (1-based) is ceil(e_s * N_train / B).
     e_total = 10_000_000 // n_train

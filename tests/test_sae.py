@@ -1,4 +1,5 @@
 """TopKSAE / ClassifSAE modules, configs and checkpoints (method.md 2.1-2.2, design.md 8-9)."""
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,21 @@ def test_presets_and_coefficient_table():
     for alias in ("paper-v2", "v2", "paper"):
         assert TrainConfig.preset(alias).preset_name == "paper-v2"
     c = TrainConfig.preset("paper-v2", model="pythia-1b", dataset="tweeteval_sentiment")
-    assert (c.lambda_mse, c.lambda_ar, c.lambda_cls, c.batch_size, c.total_steps) == (0.01, 0.01, 1.0, 2000, 5000)
+    assert (c.lambda_mse, c.lambda_ar, c.lambda_cls, c.batch_size, c.total_steps) == (
+        0.01,
+        0.01,
+        1.0,
+        2000,
+        5000,
+    )
     c = TrainConfig.preset("paper", model="pythia-410m", dataset="imdb")
-    assert (c.lambda_mse, c.batch_size, c.total_steps, c.lr, c.dead_latents) == (0.02, 500, 20_000, 5e-5, "ghost")
+    assert (c.lambda_mse, c.batch_size, c.total_steps, c.lr, c.dead_latents) == (
+        0.02,
+        500,
+        20_000,
+        5e-5,
+        "ghost",
+    )
     sae_base = TrainConfig.preset("v2", method="sae")
     assert (sae_base.lambda_mse, sae_base.lambda_ar, sae_base.lambda_cls) == (1.0, 0.0, 0.0)
     v1 = TrainConfig.preset("v1", model="pythia-1b", dataset="imdb")
@@ -104,9 +117,15 @@ def _roundtrip_sae(tmp_path, arch="classif_topk"):
         for p in sae.parameters():
             p.add_(0.01 * torch.randn_like(p))
     firing = FiringStats(torch.arange(CFG["m"]), torch.arange(CFG["m"]) * 2, 1234)
-    meta = {"model_id": "pythia-14m", "hook_layer": 5, "class_names": ["a", "b", "c"], "note": "x"}
-    path = save_checkpoint(tmp_path / "ck", sae, train_cfg=TrainConfig.preset("quick"), firing=firing,
-                           metadata=meta)
+    path = save_checkpoint(
+        tmp_path / "ck",
+        sae,
+        train_cfg=TrainConfig.preset("quick"),
+        firing=firing,
+        metadata={"model_id": "pythia-14m", "note": "x"},
+        hook_layer=5,
+        class_names=("a", "b", "c"),
+    )
     return sae, path
 
 
@@ -122,6 +141,8 @@ def test_save_load_round_trip_is_exact(tmp_path, arch):
     doc = json.loads((path / "cfg.json").read_text())
     assert doc["format_version"] == 1 and doc["architecture"] == arch and doc["d"] == CFG["d"]
     assert ck.metadata["hook_layer"] == 5 and ck.metadata["class_names"] == ["a", "b", "c"]
+    assert ck.metadata["model_id"] == "pythia-14m" and ck.metadata["note"] == "x"
+    assert doc["hook_layer"] == 5 and doc["model_id"] == "pythia-14m" and doc["k"] == CFG["k"]
     assert ck.train_cfg == TrainConfig.preset("quick") and ck.firing.samples_seen == 1234
     assert torch.equal(ck.firing.steps_since_fired, torch.arange(CFG["m"]) * 2)
 

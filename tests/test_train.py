@@ -1,4 +1,5 @@
 """Trainer: planted recovery, ClassifSAE head, L_ar rates, determinism, exact resume, errors."""
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,16 @@ def data():
 def _train(data, arch, **overrides):
     scfg = SAEConfig(d=D, m=M, k=K, n_concepts=N_C, n_classes=C, architecture=arch)
     method = "classifsae" if arch == "classif_topk" else "sae"
-    tcfg = TrainConfig.preset("quick", method=method, total_samples=BATCH * STEPS, batch_size=BATCH, lr=2e-2,
-                              progress=False, device="cpu", **overrides)
+    tcfg = TrainConfig.preset(
+        "quick",
+        method=method,
+        total_samples=BATCH * STEPS,
+        batch_size=BATCH,
+        lr=2e-2,
+        progress=False,
+        device="cpu",
+        **overrides,
+    )
     return train_sae(data.h, data.labels, scfg, tcfg)
 
 
@@ -55,6 +64,8 @@ def test_topk_sae_recovers_planted_directions(data):
     log.warning("TopK SAE: fraction of planted directions recovered with cosine > 0.9: %.3f", frac)
     assert frac >= 0.8
     assert res.history[-1]["explained_variance"] > 0.9 and res.history[-1]["l0"] <= K
+    rates = res.firing.rates()  # [M], every sentence fires at most K latents
+    assert rates.shape == (M,) and abs(float(rates.sum()) - K) < 1e-6 * K + 0.05
 
 
 def test_classifsae_head_and_class_latents(data, classif):
@@ -75,7 +86,9 @@ def test_activation_rate_loss_pushes_class_rates_to_target(data, classif):
     base = _rates(classif.sae, data.h)[:N_C].max()
     res = _train(data, "classif_topk", lambda_ar=2.0)
     pushed = _rates(res.sae, data.h)[:N_C]
-    log.warning("max z_class rate: %.3f (lambda_ar=0.1) -> %.3f (lambda_ar=2), target 0.1", base, pushed.max())
+    log.warning(
+        "max z_class rate: %.3f (lambda_ar=0.1) -> %.3f (lambda_ar=2), target 0.1", base, pushed.max()
+    )
     assert base > 0.2  # each label direction is present in a third of the sentences
     assert float(pushed.max()) < 0.13
 
@@ -88,8 +101,16 @@ def _tiny(n=40, seed=1):
 def _tiny_trainer(h, y, out_dir=None, **kw):
     scfg = SAEConfig(d=8, m=64, k=2, n_concepts=3, n_classes=2)
     # dead_window 2 and N_train = 40 with B = 16: ghost grads and the stop-gradient switch both happen.
-    tcfg = TrainConfig(total_samples=16 * 12, batch_size=16, lr=1e-2, dead_window=2, progress=False, device="cpu",
-                       log_every=3, **kw)
+    tcfg = TrainConfig(
+        total_samples=16 * 12,
+        batch_size=16,
+        lr=1e-2,
+        dead_window=2,
+        progress=False,
+        device="cpu",
+        log_every=3,
+        **kw,
+    )
     return Trainer(build_sae(scfg), tcfg, h, y, out_dir=out_dir, metadata={"model_id": "tiny"})
 
 
