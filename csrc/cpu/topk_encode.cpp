@@ -9,13 +9,15 @@
 // compacted with nth_element. After the first tiles the selection costs about one compare per entry.
 //
 // Threading, two strategies (CONCEPT_EXT_TOPK_STRATEGY=rows|tiles forces one; auto picks):
-//  * rows:  parallel_for over row blocks; each thread runs single-threaded GEMMs for its own block
-//           (nested in the parallel region, MKL/oneDNN run on one thread) and selects.
-//  * tiles: one GEMM per tile using all threads (BLAS-internal), then parallel selection over rows.
+//  * rows:  parallel_for over row super-blocks (handed out dynamically); each thread walks the latent
+//           tiles of its super-block and runs single-threaded GEMMs of rb rows (nested in the parallel
+//           region, the BLAS runs on one thread) followed by the selection.
+//  * tiles: one GEMM per tile using all threads (BLAS-internal), then the selection.
 // "rows" was faster at the benchmark sizes (fewer fork/joins, no shared tile; on the loaded 2-core dev
-// box "tiles" with a parallel selection was 1.5-6x slower). Auto uses "rows" unless there are too few
-// rows to give every thread a block of >= 16; then the BLAS threads the GEMM and the selection (only
-// n * m compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning only).
+// box "tiles" with a parallel selection was 1.5-2.5x slower). Auto uses "rows" unless there are too few
+// rows to give every thread >= 16; then the BLAS threads the GEMM and the selection (only n * m
+// compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning and tests only);
+// they are read per call.
 //
 // Backward. g = grad_values masked by values > 0. The selected pairs are bucketed by latent with a
 // serial counting sort (order within a latent = row-major order of [N, k], so sums are deterministic);
