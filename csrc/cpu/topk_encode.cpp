@@ -9,13 +9,15 @@
 // compacted with nth_element. After the first tiles the selection costs about one compare per entry.
 //
 // Threading, two strategies (CONCEPT_EXT_TOPK_STRATEGY=rows|tiles forces one; auto picks):
-//  * rows:  parallel_for over row blocks; each thread runs single-threaded GEMMs for its own block
-//           (nested in the parallel region, MKL/oneDNN run on one thread) and selects.
-//  * tiles: one GEMM per tile using all threads (BLAS-internal), then parallel selection over rows.
+//  * rows:  parallel_for over row super-blocks (handed out dynamically); each thread walks the latent
+//           tiles of its super-block and runs single-threaded GEMMs of rb rows (nested in the parallel
+//           region, the BLAS runs on one thread) followed by the selection.
+//  * tiles: one GEMM per tile using all threads (BLAS-internal), then the selection.
 // "rows" was faster at the benchmark sizes (fewer fork/joins, no shared tile; on the loaded 2-core dev
-// box "tiles" with a parallel selection was 1.5-6x slower). Auto uses "rows" unless there are too few
-// rows to give every thread a block of >= 16; then the BLAS threads the GEMM and the selection (only
-// n * m compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning only).
+// box "tiles" with a parallel selection was 1.5-2.5x slower). Auto uses "rows" unless there are too few
+// rows to give every thread >= 16; then the BLAS threads the GEMM and the selection (only n * m
+// compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning and tests only);
+// they are read per call.
 //
 // Backward. g = grad_values masked by values > 0. The selected pairs are bucketed by latent with a
 // serial counting sort (order within a latent = row-major order of [N, k], so sums are deterministic);
@@ -103,7 +105,7 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   rb = std::max<int64_t>(1, std::min(rb, (int64_t{1} << 20) / (2 * k + 16)));
   const bool by_rows = tune.strategy == 1 || (tune.strategy == 0 && (threads == 1 || rb >= 16));
   // Few rows (auto): the BLAS threads the GEMM; the selection (n * m compares) stays serial.
-  const bool parallel_select = tune.strategy == 2;
+  const bool select_in_parallel = tune.strategy == 2;
 
   auto run_block = [&](int64_t r0, int64_t rows, T* tile, TopKRows<T>& sel, bool parallel_select) {
     sel.reset(rows);
@@ -126,16 +128,34 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   };
 
   if (by_rows) {
-    // Blocks are handed out dynamically (an atomic counter), not split statically: on a shared machine
-    // a descheduled thread then delays only the block it holds.
-    const int64_t blocks = (n + rb - 1) / rb;
+    // Each thread takes a super-block of rows (x slice of ~4 MiB, so it stays in L3 while re-read)
+    // and walks the latent tiles outermost, GEMM-ing rb rows at a time: a W_enc tile is then read
+    // from memory once per super-block, not once per rb rows (W_enc is often larger than L3).
+    // Super-blocks are handed out dynamically (an atomic counter): on a shared machine a descheduled
+    // thread delays only the super-block it holds.
+    const int64_t x_budget = std::max<int64_t>(rb, (int64_t{4} << 20) / (d * int64_t(sizeof(T))) / rb * rb);
+    const int64_t sb = std::max<int64_t>(
+        1, std::min({(n + threads - 1) / threads, x_budget, (int64_t{1} << 21) / (2 * k + 16)}));
+    const int64_t blocks = (n + sb - 1) / sb;
     std::atomic<int64_t> next{0};
     ts::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
       std::vector<T> tile(static_cast<size_t>(rb * ct));
-      TopKRows<T> sel(rb, k);
+      TopKRows<T> sel(sb, k);
       for (int64_t blk = next++; blk < blocks; blk = next++) {
-        const int64_t r0 = blk * rb;
-        run_block(r0, std::min(rb, n - r0), tile.data(), sel, false);
+        const int64_t r0 = blk * sb, rows = std::min(sb, n - r0);
+        sel.reset(rows);
+        for (int64_t c0 = 0; c0 < m; c0 += ct) {
+          const int64_t cols = std::min(ct, m - c0);
+          const Tensor wt = view2d(w + c0, d, cols, m);
+          for (int64_t s0 = 0; s0 < rows; s0 += rb) {
+            const int64_t sr = std::min(rb, rows - s0);
+            mm_out(view2d(x + (r0 + s0) * d, sr, d, d), wt, view2d(tile.data(), sr, cols, cols));
+            for (int64_t r = 0; r < sr; ++r)
+              if (!sel.push(s0 + r, tile.data() + r * cols, b + c0, cols, static_cast<int32_t>(c0)))
+                nan.store(true);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) sel.finish(r, out_v + (r0 + r) * k, out_i + (r0 + r) * k);
       }
     });
   } else {
@@ -143,7 +163,7 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
     std::vector<T> tile(static_cast<size_t>(rbt * ct));
     TopKRows<T> sel(rbt, k);
     for (int64_t r0 = 0; r0 < n; r0 += rbt)
-      run_block(r0, std::min(rbt, n - r0), tile.data(), sel, parallel_select);
+      run_block(r0, std::min(rbt, n - r0), tile.data(), sel, select_in_parallel);
   }
 }
 
