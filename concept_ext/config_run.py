@@ -89,7 +89,7 @@ class RunConfig:
     reference_quirks: bool = False
     """Reproduce the reference code's oddities where cheap (method.md section 9)."""
     finetune: FineTuneConfig = field(
-        default_factory=lambda: FineTuneConfig.preset("quick", steps=150, batch_size=16, lr=5e-5))
+        default_factory=lambda: FineTuneConfig.preset("quick", steps=100, batch_size=16, lr=5e-5))
     """Fine-tuning of the backbone into a classifier (``steps = 0`` uses the backbone as it is)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """The one-pass activation cache."""
@@ -156,6 +156,7 @@ def _build(cls, data: dict, where: str):
     """Instantiate dataclass ``cls`` from a (possibly nested) dict; unknown keys are an error."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document a file
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid: {sorted(names)}")
@@ -202,13 +203,15 @@ def apply_override(data: dict, assignment: str) -> dict:
     return data
 
 
-def preset_defaults(preset: str) -> dict:
-    """Default field values for a training preset (``quick``, ``paper-v2`` or ``v1``)."""
+def preset_defaults(preset: str, recipe: str = "pythia-410m/ag_news") -> dict:
+    """Default field values for a training preset (``quick``, ``paper-v2`` or ``v1``); ``recipe`` is the
+    ``model/dataset`` row of method.md 2.6 the paper presets take their coefficients from."""
     if preset == "quick":
         return RunConfig().to_dict()
-    model, _, dataset = RunConfig.paper_recipe.partition("/")
+    model, _, dataset = recipe.partition("/")
     return RunConfig(
         preset=preset,
+        paper_recipe=recipe,
         train_rows=None,
         test_rows=None,
         finetune=FineTuneConfig.preset("paper"),
@@ -230,10 +233,14 @@ def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...
         except json.JSONDecodeError as exc:
             raise ValueError(f"config file {p} is not valid JSON: {exc}") from exc
     preset = file_data.get("preset", "quick")
+    recipe = file_data.get("paper_recipe", "pythia-410m/ag_news")
     for o in overrides:
-        if o.split("=", 1)[0].strip() == "preset":
-            preset = str(_parse_value(o.split("=", 1)[1]))
-    data = _merge(preset_defaults(preset), file_data)
+        key, _, value = o.partition("=")
+        if key.strip() == "preset":
+            preset = str(_parse_value(value))
+        elif key.strip() == "paper_recipe":
+            recipe = str(_parse_value(value))
+    data = _merge(preset_defaults(preset, recipe), file_data)
     for o in overrides:
         apply_override(data, o)
     return _build(RunConfig, data, "")

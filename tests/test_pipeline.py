@@ -142,3 +142,11 @@ def test_cli_help_lists_fields(capsys):
         main(["run", "--help"])
     out = capsys.readouterr().out
     assert "train_classifsae.lambda_ar" in out and "activation-rate" in out.lower()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_run_config(path)
+    assert cfg.methods and cfg.protocols
+    if cfg.preset != "quick":
+        assert cfg.train_classifsae.total_samples == 10_000_000  # the paper's budget
