@@ -18,7 +18,6 @@ Table of contents (heavy modules load on first use):
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 from typing import Any
 
@@ -29,20 +28,19 @@ __version__ = "0.1.0"
 
 logger = logging.getLogger("concept_ext")
 
-if importlib.util.find_spec("concept_ext._C") is None:  # pragma: no cover - exercised without a build
-    HAS_C_EXTENSION = False
-    C_EXTENSION_ERROR: str | None = "the compiled extension is not built (run `make` or `pip install --no-build-isolation -e .`)"
-    logger.warning("concept_ext._C is not built; the pure-PyTorch reference ops serve.")
-else:
-    try:  # the compiled kernels register themselves with the dispatcher on import
-        from . import _C  # noqa: F401
+try:  # the compiled kernels register themselves with the dispatcher on import
+    from . import _C  # noqa: F401
 
-        HAS_C_EXTENSION = True
-        C_EXTENSION_ERROR = None
-    except ImportError as exc:  # pragma: no cover - a build for another torch, say
-        HAS_C_EXTENSION = False
+    HAS_C_EXTENSION = True
+    C_EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised when the extension is not built
+    HAS_C_EXTENSION = False
+    if "cannot import name '_C'" in str(exc) or "No module named" in str(exc):
+        C_EXTENSION_ERROR = ("the compiled extension is not built (run `make` or "
+                             "`pip install --no-build-isolation -e .`)")
+    else:  # e.g. a build for another torch version
         C_EXTENSION_ERROR = str(exc)
-        logger.warning("concept_ext._C could not be loaded (%s); the pure-PyTorch reference ops serve.", exc)
+    logger.warning("concept_ext._C unavailable: %s; the pure-PyTorch reference ops serve.", C_EXTENSION_ERROR)
 
 from . import info, reference  # noqa: E402  (info reads HAS_C_EXTENSION at call time)
 

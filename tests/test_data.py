@@ -20,8 +20,11 @@ def test_registry_ag_news_prompt_names_and_manifest(shared_data):
     ds = D.load_dataset("ag_news", "test", max_rows=50)
     assert ds.class_names == ["World", "Sports", "Business", "SciTech"]
     df = pd.read_parquet(shared_data / "ag_news" / "test.parquet")
-    assert ds.texts == df["text"].tolist()[:50]
-    np.testing.assert_array_equal(ds.labels, df["label"].to_numpy()[:50])
+    # max_rows takes a seeded random sample kept in file order: the rows must be file rows, in order.
+    rows = {t: i for i, t in enumerate(df["text"].tolist())}
+    pos = [rows[t] for t in ds.texts]
+    assert len(ds) == 50 and pos == sorted(pos)
+    np.testing.assert_array_equal(ds.labels, df["label"].to_numpy()[pos])
     man = json.loads((shared_data / "MANIFEST.json").read_text())
     assert D.sha256_file(ds.files[0]) == man["files"]["ag_news"]["test"]["sha256"]
     # fingerprint: stable, and different for another cut / split

@@ -25,7 +25,10 @@ TINY = {
     "sae": {"expansion": 4, "k": 4, "n_concepts": 6},
     "train_classifsae": {"total_samples": 6400, "batch_size": 64, "progress": False},
     "train_sae": {"total_samples": 6400, "batch_size": 64, "progress": False},
-    "baselines": {"conceptshap": {"epochs": 2, "batch_size": 32, "progress": False},
+    # The tiny random model's predictions may collapse to one class, which the default L1 probe (on
+    # predicted labels) refuses with a clear error; the ground-truth option is exercised here instead.
+    "baselines": {"select": {"selection_labels": "ground_truth"},
+                  "conceptshap": {"epochs": 2, "batch_size": 32, "progress": False},
                   "hiconcept": {"epochs": 2, "flip_start_epoch": 1, "batch_size": 32, "progress": False}},
 }
 
