@@ -172,3 +172,23 @@ def test_run_end_to_end_minilm(tmp_path):
     assert list(metrics["methods"]) == list(METHODS)
     assert metrics["classifier"]["n_test"] == 48
     assert "ClassifSAE" in Path(report).read_text()
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["dataset=no_such_dataset"], "unknown dataset"),
+    (["backbone=" + "/nonexistent/model/folder"], "not a local folder"),
+    (["backbone=EleutherAI/pythia-410m"], "Hub is offline"),
+])
+def test_cli_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, overrides, fragment):
+    """A missing model or dataset, or a Hub name offline, ends with a message saying what to do."""
+    from concept_ext.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["finetune", "--out", str(tmp_path / "out"), "--quiet"]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    what, _, todo = err.strip().partition("\n")
+    assert what.startswith("error (") and fragment in what
+    assert todo.strip(), "the message must say what to do next"
