@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .backbones import load_backbone, weights_hash
+from .runstate import atomic_write_text
 from .classifier import Classifier
 from .config_clf import CacheConfig
 from .data import TextDataset, load_dataset, sha256_file
@@ -119,12 +120,6 @@ def cache_key(clf: Classifier, ds: TextDataset, split: str) -> dict:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _diff(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -197,10 +192,10 @@ def build_cache(model_spec: Any, dataset_spec: Any, split: str, *, out_dir: str 
                                                "cache_id": cache_id, "rows": f"{lo}:{hi}"})
         os.replace(tmp, out / name)
         man["shards"][str(i)] = {"file": name, "rows": [lo, hi], "sha256": sha256_file(out / name)}
-        _atomic_write_text(man_path, json.dumps(man, indent=1))
+        atomic_write_text(man_path, json.dumps(man, indent=1))
         written += 1
     man["complete"] = len(man["shards"]) == n_shards
-    _atomic_write_text(man_path, json.dumps(man, indent=1))
+    atomic_write_text(man_path, json.dumps(man, indent=1))
     if man["complete"]:
         logger.info("cache %s complete: %d rows in %d shards", out, len(ds), n_shards)
     return CacheHandle(out, cache_id, key, len(ds))

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .runstate import atomic_write_json  # noqa: F401  (re-exported: used by the baselines)
+
 logger = logging.getLogger("concept_ext")
 
 __all__ = [
@@ -38,7 +40,6 @@ __all__ = [
     "register_concept_model",
     "check_activations",
     "check_labels",
-    "atomic_write_bytes",
     "atomic_write_json",
     "n_batches",
 ]
@@ -109,27 +110,6 @@ def n_batches(n_rows: int, batch_size: int, *, quirk: bool = False) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Atomic files
 # ---------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and ``os.replace`` it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
