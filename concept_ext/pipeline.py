@@ -151,7 +151,9 @@ class Pipeline:
                 train_acc = accuracy(clf, train, max_rows=self.cfg.finetune.max_eval_rows)
                 test_acc = accuracy(clf, test)
                 steps = 0
+            cap = self.cfg.finetune.max_eval_rows
             return {"model_dir": "model", "train_accuracy": train_acc, "test_accuracy": test_acc, "steps": steps,
+                    "n_train_eval": len(train) if cap is None else min(cap, len(train)),
                     "class_names": list(train.class_names), "n_train": len(train), "n_test": len(test)}
 
         inputs = [self.cfg.backbone, self.cfg.config_overrides, self.cfg.dataset, self.cfg.class_names,

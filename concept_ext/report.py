@@ -226,7 +226,8 @@ def run_header(results: dict) -> list[str]:
     clf = results.get("classifier") or {}
     lines += ["", "## Classifier", "",
               f"Test accuracy **{fmt(clf.get('test_accuracy'))}** on {fmt(clf.get('n_test'))} sentences; "
-              f"train accuracy {fmt(clf.get('train_accuracy'))} on {fmt(clf.get('n_train'))} sentences."]
+              f"train accuracy {fmt(clf.get('train_accuracy'))} on "
+              f"{fmt(clf.get('n_train_eval', clf.get('n_train')))} of the {fmt(clf.get('n_train'))} training sentences."]
     return lines
 
 

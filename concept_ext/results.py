@@ -83,13 +83,17 @@ def assemble_results(p: "Pipeline") -> dict[str, Any]:
         per_seed = [json.loads((p.out / f"evaluate/{method}-s{s}" / "results.json").read_text()) for s in p.cfg.seeds]
         methods[method] = aggregate_seeds(per_seed)
     ft = p.rec_finetune.extra
+    test = p.load_split("test")
+    test_acc = float((test.pred == test.label).float().mean()) if len(test.label) else None
     return {
         "run": {"backbone": p.cfg.backbone, "dataset": p.cfg.dataset, "class_names": p.class_names,
                 "preset": p.cfg.preset, "protocols": list(p.cfg.protocols), "config": p.cfg.to_dict(),
                 "timings": dict(p.timings), "device": p.device, "seeds": list(p.cfg.seeds),
                 "hook_layer": p.classifier.layer},
-        "classifier": {"train_accuracy": ft.get("train_accuracy"), "test_accuracy": ft.get("test_accuracy"),
+        # Test accuracy over the whole cached test split (the fine-tuning log may use a capped subset).
+        "classifier": {"train_accuracy": ft.get("train_accuracy"), "test_accuracy": test_acc,
                        "n_train": p.rec_cache.extra["rows"]["train"], "n_test": p.rec_cache.extra["rows"]["test"],
+                       "n_train_eval": ft.get("n_train_eval"),
                        "finetune_steps": ft.get("steps")},
         "baseline_cosine": mean_pairwise_cosine(p.embeddings()).to_dict(),
         "methods": methods,

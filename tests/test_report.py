@@ -224,7 +224,7 @@ def test_minimal_results_do_not_crash(tmp_path):
     assert _row(text, "TVD_cond") == ["—", "—", "0.050"]
     assert _row(text, "\\|F\\|") == ["1", "0", "2"]
     assert "in-context" not in text
-    assert "train accuracy — on — sentences" in text
+    assert "train accuracy — on — of the — training sentences" in text
     for link in _links(text):
         _png_size(tmp_path / link)
 
