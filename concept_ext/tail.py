@@ -8,9 +8,9 @@
   only v as [CLS] (so [CLS] attends to itself only; no text tokens), then pooler + classifier. Like the
   decoder version it is context-free and differs from the full model's prediction.
 * :class:`ContextTail` (our extension, 3.3, flagged as such by callers): v replaces the residual entering
-  block L at the real decision position of sentence i, with the real prefix. The layer-L inputs of all
-  positions are cached from one clean pass; each call recomputes blocks L.. only (layers 0..L-1 are
-  never re-run), so ctx_i(h_i) = o_i up to float error.
+  block L at the real decision position of sentence i, with the real prefix. Sentences go in blocks;
+  decoders reuse each block's prefix keys/values and recompute only the decision token, encoders re-run
+  blocks L.. on the block's cached layer-L inputs; ctx_i(h_i) = o_i up to float error.
 
 Both re-run the model's own HF blocks with the arguments (masks, rotary tables) captured from a real
 forward (``hooks.capture_layer_call``), so any family in ``backbones.FAMILIES`` works unchanged.
@@ -18,13 +18,17 @@ forward (``hooks.capture_layer_call``), so any family in ``backbones.FAMILIES`` 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .classifier import Classifier
-from .hooks import LayerCall, capture_layer_call, run_layers
+from transformers import DynamicCache
+
+from .classifier import Classifier, length_buckets
+from .hooks import LayerCall, capture_layer_call, replace_resid_pre, run_layers
+from .prompt import pad_batch, position_ids_from_mask
 
 __all__ = ["SingleTokenTail", "ContextTail", "tail_ceiling"]
 
@@ -102,44 +106,159 @@ class SingleTokenTail(nn.Module):
 
 class ContextTail:
     """ctx_i(u): label logits of sentence i when the residual entering block L at its decision position is
-    replaced by u (method.md 3.3; our extension). Build it on a batch of texts, then call repeatedly."""
+    replaced by u (method.md 3.3; our extension). Build it on a list of texts, then call repeatedly.
 
-    def __init__(self, clf: Classifier, texts: list[str]):
+    Sentences are handled in length-bucketed blocks of ``block_size``; no forward ever holds more than one
+    block, and only the states of the ``cache_blocks`` most recently used blocks are kept (LRU), so memory
+    does not grow with the number of texts.
+
+    * Decoders (causal): the prefix keys/values of every block do not depend on u. A block's state is its
+      prefix cache (one ``use_cache=True`` forward over positions < decision, prompts left-padded so the
+      decision token is last); a call runs only the decision token on a copy of that cache, with a
+      pre-hook on block L putting u in place of the residual there (method.md 3.3, "HF fallback"). Blocks
+      0..L-1 see that single token only, and their output there is discarded.
+    * Encoders (bidirectional): u changes every position from block L+1 on, so a block's state is its
+      layer-L inputs [b, T, D] and captured block arguments; a call re-runs blocks L.. on the whole
+      sequence of the sentences involved.
+    """
+
+    max_cache_copy: int = 1 << 27
+    """Most elements of prefix keys/values copied for one decoder chunk (512 MiB in fp32); ``chunk`` is
+    lowered for long prompts / big models so that the per-call copy stays under it."""
+
+    def __init__(self, clf: Classifier, texts: list[str], *, block_size: int = 64, cache_blocks: int = 2):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"ContextTail: block_size must be a positive int, got {block_size!r}")
+        if not isinstance(cache_blocks, int) or cache_blocks < 1:
+            raise ValueError(f"ContextTail: cache_blocks must be a positive int, got {cache_blocks!r}")
         self.clf = clf
-        enc = clf.encode(texts)
-        self.batch = clf.batch(enc.ids)
-        with torch.no_grad(), capture_layer_call(clf.resolved.layers[clf.layer]) as store:
-            self.clean_logits = clf.forward_batch(self.batch, hidden=False).logits  # [B, C]
-        self.call: LayerCall = store["call"]
-        self.h_in: Tensor = store["h"].detach()  # [B, T, D]: layer-L inputs of every position
-        pos = self.batch["positions"]
-        self.h_clean = self.h_in[torch.arange(len(texts), device=pos.device), pos].float()  # [B, D]
+        self.block_size = block_size
+        self.cache_blocks = cache_blocks
+        self._ids = clf.encode(texts).ids
+        n, dev = len(self._ids), clf.device
+        self.blocks: list[list[int]] = length_buckets([len(r) for r in self._ids], block_size)
+        """Sentence indices of each block (length-bucketed)."""
+        self._block_of = torch.empty(n, dtype=torch.long)  # [N] block of each sentence
+        self._slot = torch.empty(n, dtype=torch.long)  # [N] its row inside the block
+        for bi, idx in enumerate(self.blocks):
+            self._block_of[idx] = bi
+            self._slot[idx] = torch.arange(len(idx))
+        self._lru: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.clean_logits = torch.empty(n, clf.n_classes, device=dev)  # [N, C] full-model logits o_i
+        self.h_clean = torch.empty(n, clf.d_model, device=dev)  # [N, D] h_i (input of block L, decision token)
+        with torch.no_grad():
+            for idx in self.blocks:  # the clean pass, one block at a time, in the classifier's own padding
+                out = clf.forward_batch(clf.batch([self._ids[i] for i in idx]), hidden=True)
+                it = torch.as_tensor(idx, device=dev)
+                self.clean_logits[it] = out.logits
+                self.h_clean[it] = out.hidden
 
     def __len__(self) -> int:
-        return self.h_in.shape[0]
+        return len(self._ids)
+
+    # -- per-block state ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _build(self, bi: int) -> dict[str, Any]:
+        clf = self.clf
+        ids = [self._ids[i] for i in self.blocks[bi]]
+        if clf.kind == "encoder":
+            b = clf.batch(ids)
+            with capture_layer_call(clf.resolved.layers[clf.layer]) as store:
+                clf.model(**{k: b[k] for k in ("input_ids", "attention_mask", "position_ids")})
+            return {"h_in": store["h"].detach(), "call": store["call"], "pos": b["positions"]}
+        input_ids, mask = pad_batch(ids, pad_id=clf.pad_id, side="left")  # decision token = last column
+        pos_ids = position_ids_from_mask(mask)
+        input_ids, mask, pos_ids = (t.to(clf.device) for t in (input_ids, mask, pos_ids))
+        kv: list[tuple[Tensor, Tensor]] = []
+        if input_ids.shape[1] > 1:
+            out = clf.model.base_model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                                       position_ids=pos_ids[:, :-1], use_cache=True)
+            kv = _cache_layers(out.past_key_values)
+        return {"kv": kv, "last_ids": input_ids[:, -1:], "mask": mask, "last_pos": pos_ids[:, -1:]}
+
+    def _state(self, bi: int) -> dict[str, Any]:
+        if bi in self._lru:
+            self._lru.move_to_end(bi)
+            return self._lru[bi]
+        while len(self._lru) >= self.cache_blocks:
+            self._lru.popitem(last=False)
+        st = self._build(bi)
+        self._lru[bi] = st
+        return st
+
+    def _run(self, st: dict[str, Any], loc: Tensor, u: Tensor) -> Tensor:  # loc [p] rows in block, u [p, D]
+        clf = self.clf
+        L = clf.layer
+        if clf.kind == "encoder":
+            h = st["h_in"].index_select(0, loc).clone()  # [p, T, D]
+            pos = st["pos"].index_select(0, loc)
+            h[torch.arange(loc.numel(), device=h.device), pos] = u.to(h.dtype)
+            B = st["h_in"].shape[0]
+            call = LayerCall(_index_batch(st["call"].args, loc, B), _index_batch(st["call"].kwargs, loc, B))
+            return _head(clf, run_layers(clf.resolved.layers, L, h, call), pos)
+        cache = DynamicCache()  # a fresh copy per call: HF caches grow in place
+        for li, (k, v) in enumerate(st["kv"]):
+            cache.update(k.index_select(0, loc), v.index_select(0, loc), li)
+        zero = torch.zeros(loc.numel(), dtype=torch.long, device=loc.device)
+        with replace_resid_pre(clf.resolved.layers[L], zero, u):
+            out = clf.model.base_model(input_ids=st["last_ids"].index_select(0, loc),
+                                       attention_mask=st["mask"].index_select(0, loc),
+                                       position_ids=st["last_pos"].index_select(0, loc),
+                                       past_key_values=cache if st["kv"] else None, use_cache=True)
+        x = out.last_hidden_state[:, -1]  # [p, D], already through the final norm
+        W, b = clf.label_head()
+        return (x @ W.T + (b if b is not None else 0.0)).float()
 
     def __call__(self, u: Tensor, rows: Tensor | None = None, *, chunk: int = 64) -> Tensor:
-        """u [P, D] placed into sentences ``rows`` [P] (default: row p = sentence p) -> logits [P, C]."""
-        B = len(self)
+        """u [P, D] placed into sentences ``rows`` [P] (default: row p = sentence p) -> logits [P, C].
+
+        Vectors are grouped by block (stable), each block's state is built at most once per call (kept
+        in the LRU), and at most ``chunk`` vectors go through the model at once."""
+        N = len(self)
+        if u.dim() != 2 or u.shape[1] != self.clf.d_model:
+            raise ValueError(f"ContextTail: u must be [P, {self.clf.d_model}], got {tuple(u.shape)}")
         if rows is None:
-            if u.shape[0] != B:
-                raise ValueError(f"ContextTail: u has {u.shape[0]} rows for {B} sentences; pass rows=")
-            rows = torch.arange(B)
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.h_in.device)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= B):
-            raise ValueError(f"ContextTail: rows must be in 0..{B - 1}")
+            if u.shape[0] != N:
+                raise ValueError(f"ContextTail: u has {u.shape[0]} rows for {N} sentences; pass rows=")
+            rows = torch.arange(N)
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+        if rows.shape != (u.shape[0],):
+            raise ValueError(f"ContextTail: rows must be [P] with P = {u.shape[0]}, got {tuple(rows.shape)}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= N):
+            raise ValueError(f"ContextTail: rows must be in 0..{N - 1}")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"ContextTail: chunk must be a positive int, got {chunk!r}")
+        p = next(self.clf.model.parameters())
+        u = u.to(device=p.device, dtype=p.dtype)
+        blk = self._block_of[rows]
+        order = torch.argsort(blk, stable=True)  # [P] vectors grouped by block
+        bounds = torch.unique_consecutive(blk[order], return_counts=True)
         outs = []
         grad = torch.is_grad_enabled() and u.requires_grad
         with contextlib.nullcontext() if grad else torch.no_grad():
-            for s in range(0, u.shape[0], chunk):
-                r = rows[s:s + chunk]
-                h = self.h_in.index_select(0, r).clone()
-                pos = self.batch["positions"].index_select(0, r)
-                h[torch.arange(r.numel(), device=h.device), pos] = u[s:s + chunk].to(h.device, h.dtype)
-                call = LayerCall(_index_batch(self.call.args, r, B), _index_batch(self.call.kwargs, r, B))
-                seq = run_layers(self.clf.resolved.layers, self.clf.layer, h, call)
-                outs.append(_head(self.clf, seq, pos))
-        return torch.cat(outs) if outs else u.new_zeros(0, self.clf.n_classes)
+            s = 0
+            for bi, cnt in zip(bounds[0].tolist(), bounds[1].tolist()):
+                st = self._state(bi)
+                # Decoders copy the prefix cache per vector: cap the copy at max_cache_copy elements.
+                per = sum(k[0].numel() + v[0].numel() for k, v in st.get("kv", ()))
+                step = max(1, min(chunk, self.max_cache_copy // per)) if per else chunk
+                for a in range(s, s + cnt, step):
+                    sel = order[a:min(a + step, s + cnt)]
+                    loc = self._slot[rows[sel]].to(p.device)
+                    outs.append(self._run(st, loc, u.index_select(0, sel.to(p.device))))
+                s += cnt
+        if not outs:
+            return u.new_zeros(0, self.clf.n_classes, dtype=torch.float32)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel())
+        return torch.cat(outs).index_select(0, inv.to(p.device))
+
+
+def _cache_layers(cache: Any) -> list[tuple[Tensor, Tensor]]:
+    """Per-layer (keys, values) of an HF cache (``DynamicCache.layers`` or the legacy tuple form)."""
+    if hasattr(cache, "layers"):
+        return [(lay.keys, lay.values) for lay in cache.layers]
+    return [(k, v) for k, v, *_ in cache]
 
 
 @torch.no_grad()

@@ -84,3 +84,69 @@ def test_context_reproduces_full_logits(tiny_neox, side):
         torch.testing.assert_close(got[j], ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="rows"):
         ctx(u)
+
+
+MORE = TEXTS + ["Great film.", "The central bank left rates unchanged and signalled patience for the rest of the year.",
+                "Team wins."]
+
+
+def _spliced(clf: Classifier, text: str, u: torch.Tensor) -> torch.Tensor:
+    """Independent oracle: one full forward of ``text`` with u replacing the input of block L."""
+    b = clf.batch(clf.encode([text]).ids)
+    with torch.no_grad(), replace_resid_pre(clf.resolved.layers[clf.layer], b["positions"], u[None]):
+        return clf.forward_batch(b, hidden=False).logits[0]
+
+
+@pytest.mark.parametrize("family", ["neox", "llama", "bert"])
+def test_context_block_size_invariant_and_bounded(family, tiny_neox, pythia_tokenizer, tiny_bert):
+    """Blocks of 1, 3 or all sentences give the same logits; no forward ever carries more than one block."""
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        bb = load_backbone(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=50304),
+                           tokenizer=pythia_tokenizer)
+    else:
+        bb = tiny_neox if family == "neox" else tiny_bert
+    prompt = PromptConfig(padding_side="right") if family == "neox" else None
+    clf = Classifier(bb, ["a", "b", "c", "d"], layer=1 if family == "neox" else 0, prompt=prompt)
+    torch.manual_seed(0)
+    rows = torch.tensor([6, 0, 3, 3, 5, 1, 2, 4, 0, 6, 2])
+    u = torch.randn(rows.numel(), 32)
+    seen: list[tuple[int, int]] = []  # (batch, length) of every multi-token embedding call
+
+    def spy(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        if ids.dim() == 2 and ids.shape[1] > 1:
+            seen.append((ids.shape[0], ids.shape[1]))
+
+    handle = clf.model.get_input_embeddings().register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        results = {}
+        for bs, keep in ((1, 1), (3, 2), (len(MORE), 2)):
+            seen.clear()
+            ctx = ContextTail(clf, MORE, block_size=bs, cache_blocks=keep)
+            if bs == 3:
+                ctx.max_cache_copy = 1  # forces one vector per decoder forward (the memory cap path)
+            results[bs] = ctx(u, rows, chunk=2)
+            torch.testing.assert_close(ctx(ctx.h_clean), ctx.clean_logits, rtol=1e-4, atol=1e-5)
+            assert seen and max(b for b, _ in seen) <= bs, (bs, seen)
+            assert len(ctx._lru) <= keep
+            assert sorted(i for blk in ctx.blocks for i in blk) == list(range(len(MORE)))
+    finally:
+        handle.remove()
+    for bs in (1, 3):
+        torch.testing.assert_close(results[bs], results[len(MORE)], rtol=1e-4, atol=1e-5)
+    for j in (0, 4, 9):
+        torch.testing.assert_close(results[1][j], _spliced(clf, MORE[int(rows[j])], u[j]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        ContextTail(clf, MORE, block_size=0)
+
+
+def test_context_is_differentiable(tiny_neox):
+    clf = Classifier(tiny_neox, ["a", "b"], layer=1)
+    ctx = ContextTail(clf, TEXTS, block_size=2)
+    u = ctx.h_clean.clone().requires_grad_(True)
+    out = ctx(u, torch.tensor([3, 2, 1, 0]), chunk=3)
+    out.sum().backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
