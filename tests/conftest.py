@@ -97,3 +97,13 @@ def make_tiny_bert(tmp: Path, num_labels: int = 4, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny matmuls: on a shared 2-core machine the thread pool's
+    overhead dominates there (measured about 20x slower with 2 threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

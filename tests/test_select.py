@@ -23,12 +23,7 @@ from concept_ext.config_baselines import (
 from concept_ext.select import apply_selection, drop_dead, segment, selection_data, truncation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
