@@ -106,25 +106,14 @@ void ablate(const T* values, const I* indices, const T* W, const T* b, const int
 std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cpu(Tensor values, Tensor indices, Tensor W_dec,
                                                              Tensor b_dec, Tensor keep,
                                                              std::optional<Tensor> target_norm) {
-  check_cpu(values, "values");
-  check_cpu(indices, "indices");
-  check_cpu(W_dec, "W_dec");
+  cpu::check_code(values, indices, W_dec);
   check_cpu(b_dec, "b_dec");
   check_cpu(keep, "keep");
-  check_dim(values, 2, "values");
-  check_dim(indices, 2, "indices");
-  check_dim(W_dec, 2, "W_dec");
   check_dim(b_dec, 1, "b_dec");
   check_dim(keep, 1, "keep");
-  check_floating(values, "values");
-  check_floating(W_dec, "W_dec");
-  check_index(indices, "indices");
   check_index(keep, "keep");
-  check_same_dtype(values, W_dec, "values", "W_dec");
   check_same_dtype(b_dec, W_dec, "b_dec", "W_dec");
   const int64_t n = values.size(0), k = values.size(1), m = W_dec.size(0), d = W_dec.size(1);
-  check_size(indices, 0, n, "indices");
-  check_size(indices, 1, k, "indices");
   check_size(b_dec, 0, d, "b_dec");
   std::optional<Tensor> target;
   if (target_norm.has_value()) {

@@ -115,21 +115,6 @@ void decode_backward(const T* grad_out, const T* values, const I* indices, const
   });
 }
 
-void check_code(const Tensor& values, const Tensor& indices, const Tensor& W_dec) {
-  check_cpu(values, "values");
-  check_cpu(indices, "indices");
-  check_cpu(W_dec, "W_dec");
-  check_dim(values, 2, "values");
-  check_dim(indices, 2, "indices");
-  check_dim(W_dec, 2, "W_dec");
-  check_floating(values, "values");
-  check_index(indices, "indices");
-  check_floating(W_dec, "W_dec");
-  check_same_dtype(values, W_dec, "values", "W_dec");
-  check_size(indices, 0, values.size(0), "indices");
-  check_size(indices, 1, values.size(1), "indices");
-}
-
 template <typename I>
 void check_range(const Tensor& indices, int64_t m) {
   STD_TORCH_CHECK(cpu::indices_in_range(indices.const_data_ptr<I>(), indices.numel(), m),
@@ -139,7 +124,7 @@ void check_range(const Tensor& indices, int64_t m) {
 }  // namespace
 
 Tensor sparse_decode_cpu(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec) {
-  check_code(values, indices, W_dec);
+  cpu::check_code(values, indices, W_dec);
   check_cpu(b_dec, "b_dec");
   check_dim(b_dec, 1, "b_dec");
   check_same_dtype(b_dec, W_dec, "b_dec", "W_dec");
@@ -165,7 +150,7 @@ Tensor sparse_decode_cpu(Tensor values, Tensor indices, Tensor W_dec, Tensor b_d
 
 std::tuple<Tensor, Tensor> sparse_decode_backward_cpu(Tensor grad_out, Tensor values, Tensor indices,
                                                       Tensor W_dec) {
-  check_code(values, indices, W_dec);
+  cpu::check_code(values, indices, W_dec);
   check_cpu(grad_out, "grad_out");
   check_dim(grad_out, 2, "grad_out");
   const int64_t n = values.size(0), k = values.size(1), m = W_dec.size(0), d = W_dec.size(1);

@@ -18,6 +18,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "concept_ext/checks.h"
 #include "concept_ext/dispatch.h"
 
 namespace concept_ext::cpu {
@@ -124,6 +125,24 @@ inline std::vector<int64_t> balanced_latent_chunks(const std::vector<int64_t>& o
   }
   if (bounds.back() != m) bounds.push_back(m);
   return bounds;
+}
+
+// The checks shared by every op that reads a sparse code against a decoder: CPU tensors, values [N, k]
+// floating with the dtype of W_dec [m, d], indices [N, k] int32/int64 (sparse_decode, ablate_decode).
+inline void check_code(const torch::stable::Tensor& values, const torch::stable::Tensor& indices,
+                       const torch::stable::Tensor& W_dec) {
+  check_cpu(values, "values");
+  check_cpu(indices, "indices");
+  check_cpu(W_dec, "W_dec");
+  check_dim(values, 2, "values");
+  check_dim(indices, 2, "indices");
+  check_dim(W_dec, 2, "W_dec");
+  check_floating(values, "values");
+  check_index(indices, "indices");
+  check_floating(W_dec, "W_dec");
+  check_same_dtype(values, W_dec, "values", "W_dec");
+  check_size(indices, 0, values.size(0), "indices");
+  check_size(indices, 1, values.size(1), "indices");
 }
 
 }  // namespace concept_ext::cpu
