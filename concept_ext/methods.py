@@ -130,7 +130,12 @@ def _readout(p: "Pipeline", protocol: str):
     if protocol == "tail":
         return TailReadout(SingleTokenTail(p.classifier, freeze=True), batch_size=p.cfg.eval.readout_batch,
                            progress=p.progress)
-    ctx = ContextTail(p.classifier, p.load_split("test").texts)
+    # One ContextTail per pipeline: its clean pass and its block states (kept within the LRU's byte
+    # budget) are the same for every method and seed, so sharing it saves full-model forwards.
+    ctx = getattr(p, "_context_tail", None)
+    if ctx is None:
+        ctx = ContextTail(p.classifier, p.load_split("test").texts)
+        p._context_tail = ctx
     return ContextReadout(ctx, batch_size=p.cfg.eval.readout_batch, progress=p.progress)
 
 

@@ -143,6 +143,30 @@ def test_context_block_size_invariant_and_bounded(family, tiny_neox, pythia_toke
         ContextTail(clf, MORE, block_size=0)
 
 
+@pytest.mark.parametrize("family", ["neox", "bert"])
+def test_context_state_budget(family, tiny_neox, tiny_bert):
+    """Block states are kept while they fit ``cache_bytes``: a repeated sweep builds nothing new; with a
+    zero budget only the newest block is kept, so every revisit rebuilds it, and results are equal."""
+    bb = tiny_neox if family == "neox" else tiny_bert
+    clf = Classifier(bb, ["a", "b", "c", "d"], layer=1 if family == "neox" else 0)
+    torch.manual_seed(1)
+    rows = torch.tensor([6, 0, 3, 3, 5, 1, 2, 4, 0, 6, 2])
+    u = torch.randn(rows.numel(), 32)
+    roomy = ContextTail(clf, MORE, block_size=2)
+    first = roomy(u, rows)
+    n_blocks = len(roomy.blocks)
+    assert roomy.builds == n_blocks and len(roomy._lru) == n_blocks
+    assert roomy._lru_bytes == sum(st["_bytes"] for st in roomy._lru.values()) > 0
+    torch.testing.assert_close(roomy(u, rows), first)
+    assert roomy.builds == n_blocks, "states that fit the budget must be reused"
+    tight = ContextTail(clf, MORE, block_size=2, cache_bytes=0)
+    torch.testing.assert_close(tight(u, rows), first, rtol=1e-5, atol=1e-6)
+    tight(u, rows)
+    assert len(tight._lru) == 1 and tight.builds == 2 * n_blocks
+    with pytest.raises(ValueError, match="cache_bytes"):
+        ContextTail(clf, MORE, cache_bytes=-1)
+
+
 def test_context_is_differentiable(tiny_neox):
     clf = Classifier(tiny_neox, ["a", "b"], layer=1)
     ctx = ContextTail(clf, TEXTS, block_size=2)
