@@ -89,7 +89,7 @@ def tiny_classifier():
 
     tok = AutoTokenizer.from_pretrained(str(PYTHIA_TOKENIZER))
     bb = load_backbone(f"config:{PYTHIA_14M}", config_overrides=TINY_NEOX, tokenizer=tok, seed=0, num_labels=4)
-    return Classifier(bb, ["World", "Sports", "Business", "Sci/Tech"], layer=1)
+    return Classifier(bb, ["World", "Sports", "Business", "SciTech"], layer=1)
 
 
 def sentences(n: int = 40):
@@ -114,13 +114,15 @@ def finetune_config(steps: int = 4, checkpoint_every: int = 0):
 
 
 def task_finetune(out: Path) -> None:
+    """A fresh 2-rank fine-tuning in ft_fresh, and one resuming the checkpoint the test left in ft_resume."""
     from concept_ext.finetune import finetune
 
-    clf = tiny_classifier()
-    res = finetune(clf, sentences(24), config=finetune_config(), out_dir=out / "ft")
-    if os.environ.get("RANK") == "0":
-        torch.save({"state": {k: v.clone() for k, v in clf.model.state_dict().items()}, "losses": res.losses},
-                   out / "finetune.pt")
+    for name in ("fresh", "resume"):
+        clf = tiny_classifier()
+        res = finetune(clf, sentences(24), config=finetune_config(checkpoint_every=2), out_dir=out / f"ft_{name}")
+        if os.environ.get("RANK") == "0":
+            torch.save({"state": {k: v.clone() for k, v in clf.model.state_dict().items()}, "losses": res.losses,
+                        "resumed_from": res.resumed_from}, out / f"finetune_{name}.pt")
 
 
 def task_fail(out: Path) -> None:

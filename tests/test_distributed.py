@@ -134,3 +134,77 @@ def test_dead_peer_without_agent_fails_within_timeout(tmp_path):
     assert procs[0].returncode != 0, outs[0][-3000:]
     assert "rank 0 of 2 stopped" in outs[0] and "another rank" in outs[0], outs[0][-3000:]
     assert took < 100
+
+
+# ----------------------------------------------------------------------------------------------------
+# Caching
+# ----------------------------------------------------------------------------------------------------
+
+
+@needs_shared
+@pytest.mark.slow
+def test_two_rank_cache_equals_one_rank_cache(tmp_path):
+    import json
+
+    from concept_ext.cache import build_cache, load_cache
+    from concept_ext.config_clf import CacheConfig
+
+    _ok(torchrun("cache", tmp_path))
+    ref_dir = tmp_path / "ref"
+    build_cache(W.tiny_classifier(), W.sentences(), "test", out_dir=ref_dir,
+                config=CacheConfig(layer=1, batch_size=4, shard_size=6))
+    got_dir = tmp_path / "cache"
+    assert not list(got_dir.glob("cache.part-*")), "part manifests must be merged and removed"
+    got_man, ref_man = json.loads((got_dir / "cache.json").read_text()), json.loads((ref_dir / "cache.json").read_text())
+    assert got_man["cache_id"] == ref_man["cache_id"] and got_man["complete"]
+    assert list(got_man["shards"]) == list(ref_man["shards"]) == [str(i) for i in range(7)]  # 40 rows / 6
+    assert [e["rows"] for e in got_man["shards"].values()] == [e["rows"] for e in ref_man["shards"].values()]
+    got, ref = load_cache(got_dir), load_cache(ref_dir)
+    assert got.texts == ref.texts
+    for name in ("pred", "label"):
+        assert torch.equal(getattr(got, name), getattr(ref, name))
+    torch.testing.assert_close(got.h, ref.h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@needs_shared
+@pytest.mark.slow
+def test_ddp_finetune_equals_single_process_and_resumes(tmp_path, monkeypatch):
+    import concept_ext.finetune as ft
+
+    cfg = W.finetune_config(checkpoint_every=2)
+    # A single-process run interrupted right after its step-2 checkpoint: the 2-rank job resumes it.
+    real_save = ft._save_checkpoint
+
+    def save_then_stop(out, step, *a, **k):
+        real_save(out, step, *a, **k)
+        raise _Stop
+
+    monkeypatch.setattr(ft, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        ft.finetune(W.tiny_classifier(), W.sentences(24), config=cfg, out_dir=tmp_path / "ft_resume")
+    monkeypatch.setattr(ft, "_save_checkpoint", real_save)
+
+    _ok(torchrun("finetune", tmp_path))
+    clf = W.tiny_classifier()
+    want = ft.finetune(clf, W.sentences(24), config=cfg, out_dir=tmp_path / "ref")
+    want_state = clf.model.state_dict()
+    for name in ("fresh", "resume"):
+        got = torch.load(tmp_path / f"finetune_{name}.pt", weights_only=False)
+        assert got["resumed_from"] == (2 if name == "resume" else None)
+        assert got["losses"] == pytest.approx(want.losses, rel=1e-4), name
+        for k, v in want_state.items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    # Rank 0 wrote one checkpoint (atomically, the older ones removed) and the final model.
+    ft_dir = tmp_path / "ft_fresh"
+    assert sorted(p.name for p in ft_dir.glob("ckpt-*")) == ["ckpt-00000004"]
+    assert (ft_dir / "model" / "config.json").is_file() and not list(ft_dir.glob(".*tmp*"))
