@@ -208,3 +208,45 @@ def test_ddp_finetune_equals_single_process_and_resumes(tmp_path, monkeypatch):
     ft_dir = tmp_path / "ft_fresh"
     assert sorted(p.name for p in ft_dir.glob("ckpt-*")) == ["ckpt-00000004"]
     assert (ft_dir / "model" / "config.json").is_file() and not list(ft_dir.glob(".*tmp*"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLI under torchrun
+# ----------------------------------------------------------------------------------------------------
+
+
+@needs_shared
+@pytest.mark.slow
+def test_torchrun_cli_train_equals_single_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m concept_ext train`` (DDP fine-tuning, sharded cache, DDP ClassifSAE)
+    gives the caches and SAE weights of ``python -m concept_ext train``."""
+    import json
+
+    from concept_ext.cache import load_cache
+    from concept_ext.checkpoint import load_checkpoint
+
+    cfg = {"backbone": f"config:{W.PYTHIA_14M}", "config_overrides": W.TINY_NEOX,
+           "dataset": str(W.SHARED / "data" / "ag_news"), "train_rows": 48, "test_rows": 24,
+           "methods": ["ClassifSAE"], "finetune": {"steps": 4, "batch_size": 8, "lr": 1e-3},
+           "cache": {"shard_size": 16}, "sae": {"expansion": 4, "k": 4, "n_concepts": 6},
+           "train_classifsae": {"total_samples": 480, "batch_size": 32, "progress": False}}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    args = ["train", "--config", str(path), "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "concept_ext", *args, "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=_env(60), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    _ok(proc)
+    proc = subprocess.run([sys.executable, "-m", "concept_ext", *args, "--out", str(tmp_path / "one")], env=_env(60),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    _ok(proc)
+    for split in ("train", "test"):
+        a, b = load_cache(tmp_path / "ddp" / "cache" / split), load_cache(tmp_path / "one" / "cache" / split)
+        assert a.texts == b.texts and torch.equal(a.pred, b.pred)
+        torch.testing.assert_close(a.h, b.h, rtol=1e-5, atol=1e-5)
+    fit = "fit/ClassifSAE-s42/sae"
+    a, b = load_checkpoint(tmp_path / "ddp" / fit).sae, load_checkpoint(tmp_path / "one" / fit).sae
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+    assert not list((tmp_path / "ddp").glob(".tmp-rank*")), "scratch folders of the other ranks are removed"
