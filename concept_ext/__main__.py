@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in (*PIPELINE_COMMANDS, "demo")
     tag = f" [rank {os.environ.get('RANK', '0')}]" if multi else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s{tag} %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s{tag} %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         if multi:  # started by torchrun: join the process group (bounded timeout), run, leave
             from .distributed import run_ranked

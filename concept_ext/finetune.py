@@ -131,8 +131,9 @@ def _save_checkpoint(out: Path, step: int, model, opt, sched, scaler, losses, cf
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _share_loss(_model, b: dict, y: torch.Tensor, weight: float, *, clf: Classifier, amp_dtype) -> torch.Tensor:
-    """Distributed: ``weight * sum`` of the cross-entropies of this rank's rows (weight = 1 / global batch)."""
+def _share_loss(_model, b: dict, y: torch.Tensor, weight: float, *, clf: Classifier,
+                amp_dtype) -> torch.Tensor:
+    """Distributed: ``weight`` (1 / global batch) times the summed cross-entropies of this rank's rows."""
     dev = clf.device
     with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y, reduction="sum") * weight

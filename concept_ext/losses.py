@@ -96,7 +96,8 @@ def reconstruction_error(pred: Tensor, target: Tensor, *, normalization: str = "
 
 
 def mse_loss(e: Tensor, group: "Optional[BatchGroup]" = None) -> Tensor:
-    """L_mse = (1/B) sum_ij e_ij for the element-wise errors ``e [B, d]`` (this rank's share with ``group``)."""
+    """L_mse = (1/B) sum_ij e_ij for the element-wise errors ``e [B, d]`` (with ``group``: this rank's
+    share)."""
     return e.sum(1).mean() if group is None else e.sum() / group.rows
 
 

@@ -149,10 +149,16 @@ def test_two_rank_cache_equals_one_rank_cache(tmp_path):
     from concept_ext.cache import build_cache, load_cache
     from concept_ext.config_clf import CacheConfig
 
+    cfg = CacheConfig(layer=1, batch_size=4, shard_size=6)
+    # A one-process build interrupted after 2 of 7 shards: the 2-rank build resumes it.
+    partial = build_cache(W.tiny_classifier(), W.sentences(), "test", out_dir=tmp_path / "cache", config=cfg,
+                          max_shards=2)
+    assert len(json.loads((partial.dir / "cache.json").read_text())["shards"]) == 2
+    first = (partial.dir / "shard_00000.safetensors").stat().st_mtime_ns
     _ok(torchrun("cache", tmp_path))
+    assert (partial.dir / "shard_00000.safetensors").stat().st_mtime_ns == first, "finished shards are kept"
     ref_dir = tmp_path / "ref"
-    build_cache(W.tiny_classifier(), W.sentences(), "test", out_dir=ref_dir,
-                config=CacheConfig(layer=1, batch_size=4, shard_size=6))
+    build_cache(W.tiny_classifier(), W.sentences(), "test", out_dir=ref_dir, config=cfg)
     got_dir = tmp_path / "cache"
     assert not list(got_dir.glob("cache.part-*")), "part manifests must be merged and removed"
     got_man, ref_man = json.loads((got_dir / "cache.json").read_text()), json.loads((ref_dir / "cache.json").read_text())
@@ -250,3 +256,21 @@ def test_torchrun_cli_train_equals_single_process(tmp_path):
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
     assert not list((tmp_path / "ddp").glob(".tmp-rank*")), "scratch folders of the other ranks are removed"
+
+
+def test_global_activation_rate_loss_differs_from_per_rank_losses():
+    """Why L_ar needs the all-gather: on the test batches, the mean of per-half L_ar (top sets of 15 rows,
+    m_tau = 3) differs from the global one (top sets of 30 rows, m_tau = 6), so the DDP equality test
+    above would catch a per-rank L_ar."""
+    from concept_ext.ops import activation_rate_loss
+
+    tr = W.sae_trainer("classif_ghost")
+    idx = tr.order.next(tr.cfg.batch_size)
+    with torch.no_grad():
+        code = tr.sae.encode(tr.h[idx])
+    m, rate = tr.sae.m, tr.cfg.target_rate
+    full = float(activation_rate_loss(code.values, code.indices, m, rate))
+    halves = [float(activation_rate_loss(code.values[s], code.indices[s], m, rate))
+              for s in (slice(0, 15), slice(15, 30))]
+    assert full > 0
+    assert abs(full - sum(halves) / 2) > 1e-3 * full
