@@ -5,6 +5,10 @@ pipeline up to that stage; finished stages are skipped), ``explain`` (one text w
 ``demo`` (the embedded default run) and ``info`` (build and dispatch information). The pipeline
 commands share one configuration (``--config FILE`` and ``--set key=value``); ``--help`` lists every
 field with its documentation.
+
+Under ``torchrun --nproc_per_node=N -m concept_ext <command> ...`` the pipeline commands run on N
+processes (see README "Distributed runs"): fine-tuning and SAE training data-parallel, caching sharded;
+the baselines, embeddings, metrics and report then run on rank 0 alone.
 """
 from __future__ import annotations
 
@@ -84,6 +88,18 @@ def _pipeline(args) -> int:
     pipe.cache()
     if upto == "cache":
         return 0
+    from . import distributed
+
+    if distributed.enabled():
+        # torchrun: the SAE methods train data-parallel on every rank; then the other ranks leave and rank 0
+        # runs the remaining stages single-process (the finished fits are skipped by their records).
+        for method in [m for m in ("ClassifSAE", "SAE") if m in cfg.methods]:
+            for seed in cfg.seeds:
+                pipe.fit(method, seed)
+        main = distributed.is_main()
+        distributed.shutdown()
+        if not main:
+            return 0
     if runstate_embed:
         pipe.embed()
     recs = []
@@ -101,9 +117,18 @@ def _pipeline(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in (*PIPELINE_COMMANDS, "demo")
+    tag = f" [rank {os.environ.get('RANK', '0')}]" if multi else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s{tag} %(message)s",
+                        datefmt="%H:%M:%S")
     try:
+        if multi:  # started by torchrun: join the process group (bounded timeout), run, leave
+            from .distributed import run_ranked
+
+            return run_ranked(lambda: _pipeline(args))
         if args.command == "info":
             from .info import build_info, format_info
 

@@ -11,6 +11,12 @@ an interrupted build resumes at the first shard missing from the manifest. Every
 a temporary name and moved into place (``os.replace``); the manifest is the commit point and records
 each shard's SHA-256, so a half-written shard never loads. A directory whose key differs from the
 request is refused (:class:`CacheKeyMismatch`).
+
+Under torchrun each rank builds the shards ``i % world == rank`` (``distributed.owned_shards``; the shard
+boundaries do not depend on the number of ranks) and records them in its own ``cache.part-<rank>.json``
+(atomic, after every shard); after a barrier rank 0 merges every part into ``cache.json`` with the shards
+in index order, so the directory equals a single-process build. A resumed build (any number of ranks)
+counts the shards listed in the manifest and in any part file.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backbones import load_backbone, weights_hash
 from .runstate import atomic_write_text
 from .classifier import Classifier
@@ -42,6 +49,7 @@ __all__ = ["build_cache", "load_cache", "CacheHandle", "ActivationCache", "Cache
 
 FORMAT_VERSION = 1
 MANIFEST = "cache.json"
+PART_GLOB = "cache.part-*.json"  # per-rank manifests of a distributed build (merged into cache.json)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -174,12 +182,20 @@ def build_cache(model_spec: Any, dataset_spec: Any, split: str, *, out_dir: str 
         man = {"format_version": FORMAT_VERSION, "cache_id": cache_id, "key": key, "n_rows": len(ds),
                "d_model": clf.d_model, "n_classes": clf.n_classes, "class_names": list(ds.class_names),
                "shard_size": S, "n_shards": n_shards, "shards": {}, "complete": False}
+    ctx = distributed.context()
+    if ctx.enabled:  # distributed: shards committed by any rank of an earlier run count as done
+        _merge_parts(out, man)
+        mine_path, mine = out / f"cache.part-{ctx.rank}.json", {}
+        owned = set(distributed.owned_shards(n_shards))
     written = 0
-    for i in tqdm(range(n_shards), disable=not progress, desc=f"cache {ds.key}/{split}"):
+    bar_off = not progress or not distributed.is_main()
+    for i in tqdm(range(n_shards), disable=bar_off, desc=f"cache {ds.key}/{split}"):
         name = f"shard_{i:05d}.safetensors"
         entry = man["shards"].get(str(i))
         if entry is not None and (out / name).is_file():
             continue  # committed by an earlier run (its SHA-256 is checked on load)
+        if ctx.enabled and i not in owned:
+            continue  # another rank's shard
         if max_shards is not None and written >= max_shards:
             break
         lo, hi = i * S, min((i + 1) * S, len(ds))
@@ -192,13 +208,41 @@ def build_cache(model_spec: Any, dataset_spec: Any, split: str, *, out_dir: str 
                                                "cache_id": cache_id, "rows": f"{lo}:{hi}"})
         os.replace(tmp, out / name)
         man["shards"][str(i)] = {"file": name, "rows": [lo, hi], "sha256": sha256_file(out / name)}
-        atomic_write_text(man_path, json.dumps(man, indent=1))
+        if ctx.enabled:  # this rank's part manifest is its commit point
+            mine[str(i)] = man["shards"][str(i)]
+            atomic_write_text(mine_path, json.dumps({"cache_id": cache_id, "shards": mine}, indent=1))
+        else:
+            atomic_write_text(man_path, json.dumps(man, indent=1))
         written += 1
+    if ctx.enabled:  # rank 0 merges the parts (shards in index order) once every rank is done
+        distributed.barrier()
+        if distributed.is_main():
+            _merge_parts(out, man)
+            man["shards"] = {str(i): man["shards"][str(i)] for i in sorted(map(int, man["shards"]))}
+        man = distributed.broadcast_object(man)
     man["complete"] = len(man["shards"]) == n_shards
-    atomic_write_text(man_path, json.dumps(man, indent=1))
+    if distributed.is_main():
+        atomic_write_text(man_path, json.dumps(man, indent=1))
+        for part in out.glob(PART_GLOB) if ctx.enabled else ():
+            part.unlink()
+    distributed.barrier()
     if man["complete"]:
         logger.info("cache %s complete: %d rows in %d shards", out, len(ds), n_shards)
     return CacheHandle(out, cache_id, key, len(ds))
+
+
+def _merge_parts(out: Path, man: dict) -> None:
+    """Add to ``man["shards"]`` the shards recorded in the part manifests of a distributed build whose
+    files exist (parts of another cache_id are ignored)."""
+    for part in sorted(out.glob(PART_GLOB)):
+        try:
+            data = json.loads(part.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a part is written atomically; an unreadable one is treated as absent
+        if data.get("cache_id") == man["cache_id"]:
+            for i, entry in data["shards"].items():
+                if (out / entry["file"]).is_file():
+                    man["shards"].setdefault(i, entry)
 
 
 def spot_check(cache: ActivationCache, clf: Classifier, *, rows: int = 4, atol: float | None = None) -> float:

@@ -4,9 +4,16 @@ Decoders train on the label-token logits at the last prompt position, encoders o
 Batches are length-bucketed; mixed precision only on CUDA; AdamW (bitsandbytes 8-bit when asked and
 available, else torch AdamW with the substitution recorded); linear warmup then cosine to 0 over the
 configured ratio (method.md 9 oddity 20); atomic, resumable checkpoints under ``out_dir``.
+
+Under torchrun the model is wrapped in ``DistributedDataParallel``. Every rank draws the same global batch
+of ``batch_size`` rows and keeps its contiguous slice (``distributed.shard_range``); the loss of a rank
+is its share of the global mean (sum over its rows / batch_size), so the all-reduced gradient, the
+effective batch and the learning-rate schedule are those of the single-process recipe. Rank 0 writes the
+checkpoints and the final model; every rank resumes from the same ``latest.json``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
+from . import distributed
 from .classifier import Classifier
 from .config_clf import FineTuneConfig
 from .data import TextDataset
@@ -123,6 +131,14 @@ def _save_checkpoint(out: Path, step: int, model, opt, sched, scaler, losses, cf
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _share_loss(_model, b: dict, y: torch.Tensor, weight: float, *, clf: Classifier,
+                amp_dtype) -> torch.Tensor:
+    """Distributed: ``weight`` (1 / global batch) times the summed cross-entropies of this rank's rows."""
+    dev = clf.device
+    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y, reduction="sum") * weight
+
+
 def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | None = None,
              test: TextDataset | None = None, out_dir: str | os.PathLike | None = None,
              progress: bool = False, resume: bool = True) -> FineTuneResult:
@@ -174,23 +190,38 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
     for _ in range(start):  # replay the deterministic data order up to the resumed step
         next(order)
     labels = torch.as_tensor(train.labels, dtype=torch.long)
+    ddp = None
+    if distributed.enabled():  # DDP over a module whose forward is this rank's share of the batch loss
+        share_fn = functools.partial(_share_loss, clf=clf, amp_dtype=amp_dtype)
+        ddp = distributed.wrap_ddp(distributed.LossModule(model, share_fn))
     model.train()
     try:
-        for step in tqdm(range(start, cfg.steps), disable=not progress, desc="finetune", initial=start,
-                         total=cfg.steps):
+        for step in tqdm(range(start, cfg.steps), disable=not progress or not distributed.is_main(),
+                         desc="finetune", initial=start, total=cfg.steps):
             idx = next(order)
-            b = clf.batch([enc.ids[i] for i in idx])
-            y = labels[idx].to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y)
+            if ddp is None:
+                b = clf.batch([enc.ids[i] for i in idx])
+                y = labels[idx].to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y)
+                backward = loss
+            else:
+                # This rank's rows of the global batch; a rank left without rows (a short last batch) runs
+                # one row with weight 0 so that every rank takes part in the gradient all-reduce.
+                lo, hi = distributed.shard_range(len(idx))
+                mine, weight = (idx[lo:hi], 1.0 / len(idx)) if hi > lo else (idx[:1], 0.0)
+                share = ddp(clf.batch([enc.ids[i] for i in mine]), labels[mine].to(device), weight)
+                backward = share * distributed.world_size()  # DDP averages; the shares' gradients add up
+                loss = share.detach().clone()
+                torch.distributed.all_reduce(loss)  # the global mean loss, the same on every rank
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(backward).backward()
                 scaler.unscale_(opt)
             else:
-                loss.backward()
+                backward.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if scaler is not None:
                 scaler.step(opt)
@@ -201,20 +232,25 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
             res.losses.append(float(loss.detach()))
             done = step + 1
             if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(out, done, model, opt, sched, scaler, res.losses, cfg)
+                if distributed.is_main():  # the ranks hold the same state; one writes it
+                    _save_checkpoint(out, done, model, opt, sched, scaler, res.losses, cfg)
+                distributed.barrier()
     finally:
         model.eval()
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
     res.steps = cfg.steps
     if out is not None:
-        _save_checkpoint(out, cfg.steps, model, opt, sched, scaler, res.losses, cfg)
-        mdir, tmp = out / "model", out / f".model.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        clf.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(mdir, ignore_errors=True)
-        os.replace(tmp, mdir)
+        mdir = out / "model"
+        if distributed.is_main():  # rank 0 only (distributed); the others wait below
+            _save_checkpoint(out, cfg.steps, model, opt, sched, scaler, res.losses, cfg)
+            tmp = out / f".model.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            clf.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(mdir, ignore_errors=True)
+            os.replace(tmp, mdir)
+        distributed.barrier()
         res.model_dir = str(mdir)
     res.train_acc = accuracy(clf, train, batch_size=cfg.eval_batch_size, max_rows=cfg.max_eval_rows)
     if test is not None:

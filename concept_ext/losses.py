@@ -6,11 +6,17 @@ v1:  L = lambda_cls * L_CE + w(e) * (lambda_mse * L_mse + lambda_ar * L_ar + L_g
 
 Every term is returned separately in :class:`LossTerms`. Everything works on the sparse code
 ``(values, indices)``; only the |D| dead columns of the pre-activations are ever formed densely.
+
+Distributed (torchrun, ``group``: a :class:`distributed.BatchGroup`): each rank holds a slice of the
+global batch. Every batch statistic (centring means, normalisers, the L_ar top sets, v1's noise scale) is
+taken over the global batch through all-reduce / all-gather, and each term is this rank's *share*: the
+shares sum over ranks to the single-process value on the concatenated batch and their gradients sum to
+its gradient. With ``group=None`` the code below is exactly the single-process one.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -18,6 +24,9 @@ from torch import Tensor
 from .config_sae import TrainConfig
 from .ops import activation_rate_loss, sparse_decode
 from .sae import TopKSAE
+
+if TYPE_CHECKING:
+    from .distributed import BatchGroup
 
 __all__ = [
     "LossTerms",
@@ -66,31 +75,38 @@ class LossOutput(NamedTuple):
     """``[B, C]`` classifier logits, or None."""
 
 
-def reconstruction_error(pred: Tensor, target: Tensor, *, normalization: str = "dense_batch") -> Tensor:
+def reconstruction_error(pred: Tensor, target: Tensor, *, normalization: str = "dense_batch",
+                         group: "Optional[BatchGroup]" = None) -> Tensor:
     """Element-wise normalised squared error ``e [B, d]``; the loss is ``e.sum(1).mean()``.
 
     ``"dense_batch"``: ``(pred - target)^2 / (||target_i - mean(target)|| + 1e-6)`` (un-squared norm,
     oddity 9). ``"fvu"``: ``(pred - target)^2 / mean_i ||target_i - mean(target)||^2``, so the loss is the
-    fraction of variance unexplained.
+    fraction of variance unexplained. With ``group`` the means are over the global batch.
     """
-    centred = (target - target.mean(0)).detach()  # the target carries no gradient in any use here
+    mean = target.mean(0) if group is None else group.mean_rows(target)  # distributed: global mean
+    centred = (target - mean).detach()  # the target carries no gradient in any use here
     if normalization == "dense_batch":
         denom = centred.norm(dim=1, keepdim=True) + EPS  # [B, 1]
     elif normalization == "fvu":
-        denom = centred.pow(2).sum(1).mean().clamp_min(EPS)
+        ss = centred.pow(2).sum(1)  # [B]
+        denom = (ss.mean() if group is None else group.mean_rows(ss)).clamp_min(EPS)
     else:
         raise ValueError(f"normalization must be 'dense_batch' or 'fvu', got {normalization!r}")
     return (pred - target).pow(2) / denom
 
 
-def mse_loss(e: Tensor) -> Tensor:
-    """L_mse = (1/B) sum_ij e_ij for the element-wise errors ``e [B, d]``."""
-    return e.sum(1).mean()
+def mse_loss(e: Tensor, group: "Optional[BatchGroup]" = None) -> Tensor:
+    """L_mse = (1/B) sum_ij e_ij for the element-wise errors ``e [B, d]`` (with ``group``: this rank's
+    share)."""
+    return e.sum(1).mean() if group is None else e.sum() / group.rows
 
 
-def classifier_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """L_CE: mean cross-entropy of ``logits [B, C]`` against the LLM-predicted ``labels [B]``."""
-    return torch.nn.functional.cross_entropy(logits, labels.long())
+def classifier_loss(logits: Tensor, labels: Tensor, group: "Optional[BatchGroup]" = None) -> Tensor:
+    """L_CE: mean cross-entropy of ``logits [B, C]`` against the LLM-predicted ``labels [B]`` (this rank's
+    share of the global mean with ``group``)."""
+    if group is None:
+        return torch.nn.functional.cross_entropy(logits, labels.long())
+    return torch.nn.functional.cross_entropy(logits, labels.long(), reduction="sum") / group.rows
 
 
 def ghost_grad_loss(
@@ -101,6 +117,7 @@ def ghost_grad_loss(
     *,
     normalization: str = "dense_batch",
     ratio_scale: float = 1.0,
+    group: "Optional[BatchGroup]" = None,
 ) -> Tensor:
     """Ghost-grad loss, SAELens 3.13 form (method.md 2.3).
 
@@ -111,8 +128,10 @@ def ghost_grad_loss(
     r = residual.detach()
     g = torch.exp(pre_dead) @ W_dec_dead  # [B, d]
     g = g * (r.norm(dim=1) / (2 * g.norm(dim=1) + EPS)).detach()[:, None]
-    e_g = reconstruction_error(g, r, normalization=normalization)
+    e_g = reconstruction_error(g, r, normalization=normalization, group=group)
     ratio = (ratio_scale * e.detach() / (e_g + EPS)).detach()
+    if group is not None:  # share of the mean over the global B*d elements
+        return (ratio * e_g).sum() / (group.rows * e_g.shape[1])
     return (ratio * e_g).mean()
 
 
@@ -122,19 +141,31 @@ def auxk_loss(
     W_dec: Tensor,  # [m, d]
     err: Tensor,  # [B, d] e = x - x_hat in the normalised space
     k_aux: int,
+    group: "Optional[BatchGroup]" = None,
 ) -> Tensor:
     """AuxK (method.md 2.7): reconstruct ``sg(e)`` from the top-``k_aux`` dead pre-activations (ReLU,
     no b_dec); ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch."""
     e = err.detach()
     top, pos = pre_dead.topk(k_aux, dim=1)  # [B, k_aux]
     e_hat = sparse_decode(top.relu(), dead_idx[pos], W_dec, W_dec.new_zeros(W_dec.shape[1]))
+    if group is not None:  # share: local numerator over the global denominator
+        den = group.sum((e - group.mean_rows(e)).pow(2).sum()).clamp_min(EPS)
+        return (e - e_hat).pow(2).sum() / den
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(EPS)
 
 
-def _add_noise(h: Tensor, frac: float, gen: Optional[torch.Generator]) -> Tensor:
+def _add_noise(h: Tensor, frac: float, gen: Optional[torch.Generator],
+               group: "Optional[BatchGroup]" = None) -> Tensor:
     # v1 input noise (method.md 8): N(0, (frac * sigma)^2) per dimension, sigma = biased batch std >= 1e-3.
-    sigma = h.std(0, unbiased=False).clamp_min(1e-3)
-    return h + torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype) * (frac * sigma)
+    if group is None:
+        sigma = h.std(0, unbiased=False).clamp_min(1e-3)
+        return h + torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype) * (frac * sigma)
+    # Distributed: the global batch's std, and this rank's rows of the global [B, d] draw (every rank
+    # advances its generator by the same B*d numbers, as the single process does).
+    mean = group.mean_rows(h)
+    sigma = group.mean_rows((h - mean).pow(2)).sqrt().clamp_min(1e-3)
+    noise = torch.randn((group.rows, h.shape[1]), generator=gen, device=h.device, dtype=h.dtype)
+    return h + noise[group.offset: group.offset + group.local] * (frac * sigma)
 
 
 def sae_losses(
@@ -147,17 +178,20 @@ def sae_losses(
     stopgrad_class: bool = False,
     loss_weight: float = 1.0,
     noise_gen: Optional[torch.Generator] = None,
+    group: "Optional[BatchGroup]" = None,
 ) -> LossOutput:
     """Forward pass and every loss term of one batch.
 
     ``loss_weight`` is v1's decay w(e) (1 in v2). ``stopgrad_class`` selects the second-phase decoding.
+    ``group``: distributed step, ``h`` is this rank's slice of the global batch and every term is this
+    rank's share (module docstring).
     """
     classif = sae.cfg.architecture == "classif_topk"
-    h_in = _add_noise(h, cfg.input_noise, noise_gen) if cfg.input_noise > 0 else h
+    h_in = _add_noise(h, cfg.input_noise, noise_gen, group) if cfg.input_noise > 0 else h
     code = sae.encode(h_in)
     h_hat = sae.decode(code.values, code.indices, code.scale, stopgrad_class=stopgrad_class)
-    e = reconstruction_error(h_hat, h, normalization=cfg.mse_normalization)
-    l_mse = mse_loss(e)
+    e = reconstruction_error(h_hat, h, normalization=cfg.mse_normalization, group=group)
+    l_mse = mse_loss(e, group)
     zero = h.new_zeros(())
     l_ghost, l_aux = zero, zero
     if dead_mask is not None and cfg.dead_latents != "none" and bool(dead_mask.any()):
@@ -175,18 +209,27 @@ def sae_losses(
                 e,
                 normalization=cfg.mse_normalization,
                 ratio_scale=scale,
+                group=group,
             )
         else:
             k_aux = min(sae.d // 2, dead_idx.numel())
             x_hat = h_hat * s_clean[:, None]  # back to the normalised space
-            l_aux = auxk_loss(pre_dead, dead_idx, sae.W_dec, x_clean - x_hat, k_aux)
+            l_aux = auxk_loss(pre_dead, dead_idx, sae.W_dec, x_clean - x_hat, k_aux, group=group)
     ar_values = code.values if cfg.lambda_ar != 0 else code.values.detach()
-    l_ar = activation_rate_loss(ar_values, code.indices, sae.m, cfg.target_rate)
+    if group is None:
+        l_ar = activation_rate_loss(ar_values, code.indices, sae.m, cfg.target_rate)
+    else:
+        # Exact global L_ar: the top sets T_j are over the global batch, so every rank evaluates the op on
+        # the all-gathered code [B, k] in which only its own rows carry gradient; its share is 1/world of
+        # that value with the full gradient for its rows.
+        g_values = group.splice(group.gather_rows(ar_values), ar_values)
+        g_indices = group.gather_rows(code.indices)
+        l_ar = group.share(activation_rate_loss(g_values, g_indices, sae.m, cfg.target_rate))
     logits = sae.classify(code.values, code.indices)
     if classif:
         if labels is None:
             raise ValueError("labels (LLM-predicted classes) are required to train a ClassifSAE")
-        l_ce = classifier_loss(logits, labels)
+        l_ce = classifier_loss(logits, labels, group)
     else:
         l_ce = zero
     recon = cfg.lambda_mse * (l_mse + cfg.auxk_alpha * l_aux)

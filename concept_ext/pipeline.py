@@ -15,6 +15,10 @@ inputs (its config section and the records of the stages it reads). A stage whos
 skipped; ``force`` redoes one (and, through the fingerprints, everything downstream of it). An
 interrupted run, started again, continues at the first unfinished stage; caching and SAE training
 also resume inside the stage.
+
+Under torchrun (``distributed.enabled()``) rank 0 decides whether a stage runs and prepares its folder,
+every rank runs it (fine-tuning and SAE training data-parallel, caching sharded), and rank 0 writes the
+record. Stages with rank-0-only outputs give the other ranks a private scratch folder (``fit``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import runstate
+from . import distributed, runstate
 from .config_run import METHODS, RunConfig
 
 logger = logging.getLogger("concept_ext")
@@ -69,36 +73,54 @@ class Pipeline:
         self._clf = None
         self._caches: dict[str, Any] = {}
         self.out.mkdir(parents=True, exist_ok=True)
-        runstate.clean_stale_tmp(self.out)
+        if distributed.is_main():
+            runstate.clean_stale_tmp(self.out)
+        distributed.barrier()  # distributed: nobody writes before the cleanup
 
     # ------------------------------------------------------------------------------------------------
     # Stage machinery
     # ------------------------------------------------------------------------------------------------
 
-    def _stage(self, name: str, kind: str, inputs: Any, fn: Callable[[Path], dict]) -> runstate.StageRecord:
-        """Run ``fn(stage_dir) -> extra`` unless a finished record with the same fingerprint exists."""
+    def _stage(self, name: str, kind: str, inputs: Any, fn: Callable[[Path], dict], *,
+               scratch_for_others: bool = False) -> runstate.StageRecord:
+        """Run ``fn(stage_dir) -> extra`` unless a finished record with the same fingerprint exists.
+
+        Distributed: rank 0's record decides for every rank; with ``scratch_for_others`` the ranks other
+        than 0 run ``fn`` on a private scratch folder (removed afterwards) instead of the stage folder."""
         stage_dir = self.out / name
         fp = runstate.fingerprint(name, inputs)
-        rec = runstate.read_record(stage_dir)
+        main = distributed.is_main()
+        rec = distributed.broadcast_object(runstate.read_record(stage_dir) if main else None)
         if rec is not None and rec.fingerprint == fp and kind not in self.force:
             logger.info("stage %s: up to date, skipped", name)
             self.timings[name] = rec.seconds
             return rec
         pending = stage_dir / "stage.pending"
-        started = pending.read_text().strip() if pending.is_file() else None
-        if rec is not None or (started is not None and started != fp) or kind in self.force:
-            # Outputs of other inputs (or forced): start clean. A stage interrupted with the *same*
-            # inputs keeps its partial outputs, so caching and SAE training resume inside the stage.
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        runstate.clean_stale_tmp(stage_dir)
-        runstate.atomic_write_text(pending, fp)
+        if main:  # distributed: rank 0 alone prepares the folder
+            started = pending.read_text().strip() if pending.is_file() else None
+            if rec is not None or (started is not None and started != fp) or kind in self.force:
+                # Outputs of other inputs (or forced): start clean. A stage interrupted with the *same*
+                # inputs keeps its partial outputs, so caching and SAE training resume inside the stage.
+                shutil.rmtree(stage_dir, ignore_errors=True)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            runstate.clean_stale_tmp(stage_dir)
+            runstate.atomic_write_text(pending, fp)
+        distributed.barrier()
+        work = stage_dir
+        scratch = self.out / f".tmp-rank{distributed.rank()}"  # removed by clean_stale_tmp if left behind
+        if scratch_for_others and not main:
+            work = scratch / name
+            work.mkdir(parents=True, exist_ok=True)
         logger.info("stage %s: running", name)
         t0 = time.perf_counter()
-        extra = fn(stage_dir)
+        extra = fn(work)
+        if work != stage_dir:
+            shutil.rmtree(scratch, ignore_errors=True)
         rec = runstate.StageRecord(stage=name, fingerprint=fp, seconds=time.perf_counter() - t0, extra=extra)
-        runstate.write_record(stage_dir, rec)
-        pending.unlink(missing_ok=True)
+        if main:
+            runstate.write_record(stage_dir, rec)
+            pending.unlink(missing_ok=True)
+        rec = distributed.broadcast_object(rec)  # every rank continues with rank 0's record
         self.timings[name] = rec.seconds
         return rec
 
@@ -139,15 +161,17 @@ class Pipeline:
             if self.cfg.finetune.steps > 0:
                 res = finetune(clf, train, config=self.cfg.finetune, test=test, out_dir=d / "work",
                                progress=self.progress)
-                with runstate.atomic_dir(model_dir) as tmp:
-                    clf.model.save_pretrained(tmp)
-                    clf.tokenizer.save_pretrained(tmp)
-                shutil.rmtree(d / "work", ignore_errors=True)
+                if distributed.is_main():  # distributed: the ranks hold the same weights; rank 0 saves
+                    with runstate.atomic_dir(model_dir) as tmp:
+                        clf.model.save_pretrained(tmp)
+                        clf.tokenizer.save_pretrained(tmp)
+                    shutil.rmtree(d / "work", ignore_errors=True)
                 train_acc, test_acc, steps = res.train_acc, res.test_acc, res.steps
             else:
-                with runstate.atomic_dir(model_dir) as tmp:
-                    clf.model.save_pretrained(tmp)
-                    clf.tokenizer.save_pretrained(tmp)
+                if distributed.is_main():
+                    with runstate.atomic_dir(model_dir) as tmp:
+                        clf.model.save_pretrained(tmp)
+                        clf.tokenizer.save_pretrained(tmp)
                 train_acc = accuracy(clf, train, max_rows=self.cfg.finetune.max_eval_rows)
                 test_acc = accuracy(clf, test)
                 steps = 0
@@ -239,7 +263,8 @@ class Pipeline:
         def fn(d: Path) -> dict:
             return fit_method(self, method, seed, d)
 
-        return self._stage(name, "fit", [self._token(self.rec_cache), self._method_config(method), seed], fn)
+        return self._stage(name, "fit", [self._token(self.rec_cache), self._method_config(method), seed], fn,
+                           scratch_for_others=True)
 
     def evaluate(self, method: str, seed: int, fit_rec: runstate.StageRecord) -> runstate.StageRecord:
         """Every metric for one fitted method under each readout protocol."""

@@ -3,6 +3,13 @@
 Each step: (1) renormalise the decoder rows; (2) forward and losses, firing counters; (3) backward;
 (4) project grad W_dec orthogonally to the rows; (5) clip the gradient norm; (6) Adam step with the
 scheduled learning rate. Same seed => same weights on CPU; a resumed run equals an uninterrupted one.
+
+Under torchrun (``distributed.enabled()``) the step is data-parallel over the *global* batch: every rank
+draws the same global batch ids, keeps its contiguous slice (``distributed.shard_range``), and the losses
+take their batch statistics over the global batch (``losses`` with a ``BatchGroup``; L_ar on the
+all-gathered code). ``DistributedDataParallel`` all-reduces the gradients, so (2)-(6) see the gradient of
+the single-process loss on the concatenated batch and every rank holds the same weights; the firing
+counters are updated from the all-gathered code. Only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import FiringStats, checkpoint_name, load_checkpoint, save_checkpoint
 from .config_sae import SAEConfig, TrainConfig, resolve_device
 from .losses import LossOutput, sae_losses
@@ -97,6 +105,10 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._last_batch: tuple[Tensor, Optional[Tensor]] = (self.h[:0], None)
         self.last_checkpoint: Optional[Path] = None
+        # Distributed: DDP over a module whose forward is sae_losses (broadcasts rank 0's weights now).
+        self._group: Optional[distributed.BatchGroup] = None
+        self._ddp = distributed.wrap_ddp(distributed.LossModule(self.sae, sae_losses)) if (
+            distributed.enabled()) else None
 
     # --------------------------------------------------------------------------------------------
 
@@ -131,7 +143,11 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         sae.normalize_decoder()  # (1)
         self.epochs.advance(cfg.batch_size)  # counts B per step (nominal under oddity 19)
-        idx = self.order.next(self._rows())
+        idx = self.order.next(self._rows())  # [B] global batch ids (the same on every rank)
+        group = None
+        if self._ddp is not None:  # distributed: this rank's contiguous slice of the global batch
+            group = self._group = distributed.BatchGroup(idx.numel())
+            idx = idx[group.offset: group.offset + group.local]
         h = self.h[idx]
         labels = self.labels[idx] if self.labels is not None else None
         self._last_batch = (h, labels)  # for the metrics of log steps
@@ -139,23 +155,30 @@ class Trainer:
         if cfg.loss_version == "v1" and sae.cfg.architecture == "classif_topk":
             weight = max(0.0, 1.0 - self.epoch / self.e_total)  # v1 linear decay w(e)
         dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
-        out = sae_losses(
-            sae,
-            h,
-            labels,
-            cfg,
-            dead_mask=dead,
-            stopgrad_class=self.stopgrad_active,
-            loss_weight=weight,
-            noise_gen=self.noise_gen,
-        )  # (2)
+        opts = dict(dead_mask=dead, stopgrad_class=self.stopgrad_active, loss_weight=weight,
+                    noise_gen=self.noise_gen)
+        if group is None:
+            out = sae_losses(sae, h, labels, cfg, **opts)  # (2)
+        else:  # through DDP, whose forward is sae_losses(sae, ...)
+            out = self._ddp(h, labels, cfg, group=group, **opts)  # (2)
+        backward = out.terms.total
+        if group is not None:
+            # The terms are this rank's shares: report the global values (the same on every rank, so a
+            # non-finite loss stops every rank at once). DDP averages gradients over ranks, and the shares'
+            # gradients must be summed: hence the factor world.
+            backward = out.terms.total * group.world
+            terms = out.terms._make(group.sum(torch.stack([t.detach() for t in out.terms])).unbind())
+            out = out._replace(terms=terms)
         if not bool(torch.isfinite(out.terms.total)):
             vals = {k: float(v.detach()) for k, v in out.terms._asdict().items()}
             raise FloatingPointError(f"non-finite loss at step {self.step} (0-based): {vals}")
         with torch.no_grad():
-            self.firing.update(out.values, out.indices)
+            if group is None:
+                self.firing.update(out.values, out.indices)
+            else:  # the counters (and so the dead set) follow the global batch on every rank
+                self.firing.update(group.gather_rows(out.values), group.gather_rows(out.indices))
         self.opt.zero_grad(set_to_none=True)
-        out.terms.total.backward()  # (3)
+        backward.backward()  # (3)
         if cfg.project_decoder_grad:
             sae.project_decoder_grad()  # (4)
         if cfg.grad_clip > 0:
@@ -171,14 +194,24 @@ class Trainer:
     def _metrics(self, out: LossOutput) -> dict[str, float]:
         h, labels = self._last_batch
         m = {f"loss/{k}": float(v) for k, v in out.terms._asdict().items()}
-        resid = (h - out.h_hat).pow(2).sum()
-        m["explained_variance"] = float(1 - resid / (h - h.mean(0)).pow(2).sum().clamp_min(1e-12))
-        m["l0"] = float((out.values > 0).sum(1).float().mean())
+        g = self._group
+        if g is not None:  # distributed: the same statistics over the global batch
+            resid = g.sum((h - out.h_hat).pow(2).sum())
+            var = g.sum((h - g.mean_rows(h)).pow(2).sum())
+            m["explained_variance"] = float(1 - resid / var.clamp_min(1e-12))
+            m["l0"] = float(g.sum((out.values > 0).sum().float()) / g.rows)
+        else:
+            resid = (h - out.h_hat).pow(2).sum()
+            m["explained_variance"] = float(1 - resid / (h - h.mean(0)).pow(2).sum().clamp_min(1e-12))
+            m["l0"] = float((out.values > 0).sum(1).float().mean())
         m["dead_fraction"] = float(self.firing.dead_mask(self.cfg.dead_window).float().mean())
         m["lr"] = lr_at(self.step - 1, self.cfg)
         m.update(step=float(self.step), epoch=float(self.epoch), stopgrad=float(self.stopgrad_active))
         if out.logits is not None and labels is not None:
-            m["head_acc"] = float((out.logits.argmax(1) == labels).float().mean())
+            if g is not None:
+                m["head_acc"] = float(g.sum((out.logits.argmax(1) == labels).sum().float()) / g.rows)
+            else:
+                m["head_acc"] = float((out.logits.argmax(1) == labels).float().mean())
         return m
 
     def train(self, *, steps: Optional[int] = None) -> TrainResult:
@@ -272,15 +305,18 @@ class Trainer:
     def save(self, path: Union[str, Path]) -> Path:
         """Write a checkpoint (with trainer state when cfg.save_trainer_state)."""
         state = self.state_dict() if self.cfg.save_trainer_state else None
-        self.last_checkpoint = save_checkpoint(
-            path,
-            self.sae,
-            train_cfg=self.cfg,
-            firing=self.firing.stats(),
-            metadata=self.metadata,
-            trainer_state=state,
-        )
-        logger.info("saved checkpoint %s (step %d)", self.last_checkpoint, self.step)
+        if distributed.is_main():  # every rank holds the same state; rank 0 writes it (atomically)
+            self.last_checkpoint = save_checkpoint(
+                path,
+                self.sae,
+                train_cfg=self.cfg,
+                firing=self.firing.stats(),
+                metadata=self.metadata,
+                trainer_state=state,
+            )
+            logger.info("saved checkpoint %s (step %d)", self.last_checkpoint, self.step)
+        distributed.barrier()  # nobody reads the checkpoint before it exists
+        self.last_checkpoint = distributed.broadcast_object(self.last_checkpoint)
         return self.last_checkpoint
 
     @classmethod
