@@ -42,8 +42,13 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "concept_ext/checks.h"
 #include "concept_ext/kernels.h"
+#include "sparse_util.h"
 #include "topk_select.h"
 
 namespace concept_ext {
@@ -167,6 +172,66 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   }
 }
 
+// dst[c * ds + r] = src[r * ss + c] for r < rows, c < cols, in 8x8 blocks (AVX2 register transposes
+// for float). src_rows_inner: loop over row blocks inside each column block (complete output rows first)
+// or the other way round (complete input rows first). col_used (optional, indexed by c): output rows of
+// blocks whose columns are all unused may be skipped.
+template <typename T>
+void transpose(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int64_t ds, bool src_rows_inner,
+               const bool* col_used) {
+  constexpr int64_t B = 8;
+  auto block = [&](int64_t r0, int64_t c0) {
+    const int64_t nr = std::min(B, rows - r0), nc = std::min(B, cols - c0);
+    if (col_used) {
+      bool any = false;
+      for (int64_t c = 0; c < nc; ++c) any = any || col_used[c0 + c];
+      if (!any) return;
+    }
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (nr == B && nc == B) {
+        const float* s0 = src + r0 * ss + c0;
+        __m256 a0 = _mm256_loadu_ps(s0), a1 = _mm256_loadu_ps(s0 + ss), a2 = _mm256_loadu_ps(s0 + 2 * ss),
+               a3 = _mm256_loadu_ps(s0 + 3 * ss), a4 = _mm256_loadu_ps(s0 + 4 * ss),
+               a5 = _mm256_loadu_ps(s0 + 5 * ss), a6 = _mm256_loadu_ps(s0 + 6 * ss),
+               a7 = _mm256_loadu_ps(s0 + 7 * ss);
+        const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+        const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+        const __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
+        const __m256 t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        float* d0 = dst + c0 * ds + r0;
+        _mm256_storeu_ps(d0, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(d0 + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(d0 + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(d0 + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(d0 + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(d0 + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(d0 + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(d0 + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+        return;
+      }
+    }
+#endif
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t r = 0; r < nr; ++r) dst[(c0 + c) * ds + r0 + r] = src[(r0 + r) * ss + c0 + c];
+  };
+  if (src_rows_inner) {
+    for (int64_t c0 = 0; c0 < cols; c0 += B)
+      for (int64_t r0 = 0; r0 < rows; r0 += B) block(r0, c0);
+  } else {
+    for (int64_t r0 = 0; r0 < rows; r0 += B)
+      for (int64_t c0 = 0; c0 < cols; c0 += B) block(r0, c0);
+  }
+}
+
 // Backward for float/double on contiguous inputs (see the file comment).
 template <typename T>
 void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, const T* w, int64_t n,
@@ -192,14 +257,17 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
   }
 
   constexpr int64_t L = 32;  // latents per chunk: an [L, d] accumulator, one 128-byte run per output row
+  // The accumulator's row stride is padded off a power of two: with a stride of d floats (d = 1024,
+  // 2048) its rows share one L1 set and the column reads of the transpose missed L1 on every load.
+  const int64_t dp = d + 64 / int64_t(sizeof(T));
   const int64_t chunks = (m + L - 1) / L;
   ts::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> acc(static_cast<size_t>(L * d));
+    std::vector<T> acc(static_cast<size_t>(L * dp));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * L, len = std::min(L, m - j0);
-      std::fill(acc.begin(), acc.begin() + len * d, T(0));
       for (int64_t l = 0; l < len; ++l) {
-        T* a = acc.data() + l * d;
+        T* a = acc.data() + l * dp;
+        std::fill(a, a + d, T(0));
         T sb = T(0);
         for (int64_t q = start[j0 + l]; q < start[j0 + l + 1]; ++q) {
           const T s = pg[q];
@@ -209,16 +277,13 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
         }
         gb[j0 + l] = sb;
       }
+      // grad_W_enc[e, j0 + l] = acc[l, e]: 8x8 register transposes, e-blocks outermost so that every
+      // output row gets its whole 128-byte run at once.
+      transpose(acc.data(), dp, len, d, gw + j0, m, /*src_rows_inner=*/true, nullptr);
+      // W_enc^T rows of the used latents (read by the grad_x gather below).
       bool used[L];
       for (int64_t l = 0; l < len; ++l) used[l] = start[j0 + l + 1] > start[j0 + l];
-      for (int64_t e = 0; e < d; ++e) {
-        T* dst = gw + e * m + j0;
-        const T* src = w + e * m + j0;
-        for (int64_t l = 0; l < len; ++l) {
-          dst[l] = acc[l * d + e];
-          if (used[l]) wt[(j0 + l) * d + e] = src[l];
-        }
-      }
+      transpose(w + j0, m, d, len, wt + j0 * d, d, /*src_rows_inner=*/false, used);
     }
   });
 
@@ -234,6 +299,26 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
       }
     }
   });
+}
+
+// A per-thread scratch buffer that only grows (huge-page advised, never shrunk while the thread lives).
+// Its size is that of W_enc, so it costs one more copy of the weight while the thread lives.
+void* scratch(size_t bytes) {
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < bytes) {
+    std::free(buf.p);
+    buf.n = 0;
+    buf.p = std::aligned_alloc(size_t(2) << 20, (bytes + (size_t(2) << 20) - 1) / (size_t(2) << 20) * (size_t(2) << 20));
+    STD_TORCH_CHECK(buf.p != nullptr, "topk_encode_backward: out of memory for a ", bytes, "-byte scratch");
+    buf.n = bytes;
+    cpu::advise_huge_pages(buf.p, bytes);
+  }
+  return buf.p;
 }
 
 ScalarType acc_of(ScalarType s) { return s == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
@@ -310,20 +395,27 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, 
   Tensor gx = ts::new_empty(xa, {n, d});
   Tensor gw = ts::new_empty(xa, {d, m});
   Tensor gb = ts::new_empty(xa, {m});
-  Tensor wt = ts::new_empty(xa, {m, d});  // rows of used latents only are written and read
+  const size_t es = acc == ScalarType::Double ? sizeof(double) : sizeof(float);
+  // Fresh outputs of several MiB: back them with huge pages (faulting a 32 MiB grad in 4 KiB pages cost
+  // more than the whole scatter, see cpu::advise_huge_pages).
+  cpu::advise_huge_pages(gw, es);
+  cpu::advise_huge_pages(gx, es);
+  // W_enc^T scratch ([m, d]; rows of used latents only are written and read), kept per calling thread
+  // between calls so that its pages are faulted in once per training run, not once per step.
+  void* wt = scratch(static_cast<size_t>(m * d) * es);
   const auto* ip = static_cast<const int64_t*>(ia.const_data_ptr());
   if (acc == ScalarType::Double) {
     using T = double;
     encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
                        static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
                        d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
-                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt.mutable_data_ptr()));
+                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt));
   } else {
     using T = float;
     encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
                        static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
                        d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
-                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt.mutable_data_ptr()));
+                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt));
   }
   if (x.scalar_type() != acc) gx = ts::to(gx, x.scalar_type());
   if (W_enc.scalar_type() != acc) {
