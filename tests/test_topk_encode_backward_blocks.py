@@ -39,3 +39,28 @@ def test_backward_blocks_match_reference(n, d, m, k, few):
     want = reference.topk_encode_backward(*args)
     for name, a, e in zip(("grad_x", "grad_W_enc", "grad_b_enc"), got, want):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("n,d,m,k", [(64, 64, 512, 8), (37, 41, 259, 5)])
+def test_transposed_w_enc_read_in_place(n, d, m, k):
+    # W_enc kept as nn.Linear's [m, d] weight and passed transposed (strides (1, d)): same results as the
+    # reference, and grad_W_enc comes back in W_enc's own layout (so autograd stores it without a copy).
+    g = torch.Generator().manual_seed(n * m)
+    x = torch.randn(n, d, generator=g)
+    w = (torch.randn(m, d, generator=g) / d**0.5).t()  # [d, m] view, strides (1, d)
+    b = torch.randn(m, generator=g) * 0.1
+    values, indices = OP.topk_encode(x, w, b, k)
+    ref_v, _ = reference.topk_encode(x, w.contiguous(), b, k)
+    torch.testing.assert_close(values, ref_v, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(n, k, generator=g)
+    got = OP.topk_encode_backward(grad, values, indices, x, w)
+    want = reference.topk_encode_backward(grad, values, indices, x, w.contiguous())
+    for name, a, e in zip(("grad_x", "grad_W_enc", "grad_b_enc"), got, want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=name)
+    assert got[1].stride() == w.stride()
+    # Through autograd on a parameter with that layout: the accumulated grad keeps the layout.
+    p = torch.nn.Parameter(w.detach().t().contiguous().t())
+    v, _ = concept_ext.topk_encode(x, p, b, k)
+    v.backward(grad)
+    assert p.grad.stride() == p.stride()
+    torch.testing.assert_close(p.grad, want[1], atol=1e-5, rtol=1e-5)

@@ -71,9 +71,16 @@ void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
 
 // A [rows, cols] view of raw CPU memory with the given row stride (no dispatcher call, no copy).
 template <typename T>
-Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t row_stride) {
-  return ts::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, 1},
+Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride = 1) {
+  return ts::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, col_stride},
                        ts::Device(torch::headeronly::DeviceType::CPU), scalar_type_of<T>());
+}
+
+// The [d, cols] slice of W_enc starting at latent c0: W_enc is [d, m] row-major, or (w_t) the transpose
+// of a row-major [m, d] matrix, nn.Linear's layout, where the slice is one contiguous block of rows.
+template <typename T>
+Tensor w_tile(const T* w, bool w_t, int64_t d, int64_t m, int64_t c0, int64_t cols) {
+  return w_t ? view2d(w + c0 * d, d, cols, 1, d) : view2d(w + c0, d, cols, m);
 }
 
 struct Tuning {
@@ -99,8 +106,8 @@ Tuning tuning() {
 
 // Forward for float/double on contiguous inputs. out_v/out_i: [n, k]. Sets `nan` when a NaN is seen.
 template <typename T>
-void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m, int64_t k, T* out_v,
-            int64_t* out_i, std::atomic<bool>& nan) {
+void encode(const T* x, const T* w, const uint16_t* w16, bool w_t, const T* b, int64_t n, int64_t d, int64_t m,
+            int64_t k, T* out_v, int64_t* out_i, std::atomic<bool>& nan) {
   const Tuning tune = tuning();
   const int64_t threads = std::max<int64_t>(1, ts::get_num_threads());
   const int64_t ct = std::min(tune.ct, m);
@@ -112,12 +119,40 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   // Few rows (auto): the BLAS threads the GEMM; the selection (n * m compares) stays serial.
   const bool select_in_parallel = tune.strategy == 2;
 
+  // The W_enc tile as an fp32 [d, cols] view: in place, or (bfloat16 weights, w16) widened into `buf`
+  // (d * ct floats, reused for every tile; the GEMM then reads it from cache sb / rb times).
+  auto tile_view = [&](int64_t c0, int64_t cols, std::vector<T>& buf) -> Tensor {
+    if (w16 == nullptr) return w_tile(w, w_t, d, m, c0, cols);
+    if constexpr (std::is_same_v<T, float>) {
+      if (buf.size() < static_cast<size_t>(d * cols)) buf.resize(static_cast<size_t>(d * ct));
+      uint32_t* out = reinterpret_cast<uint32_t*>(buf.data());
+      if (w_t) {  // rows c0 .. c0 + cols of the row-major [m, d] storage: one contiguous block
+        const uint16_t* src = w16 + c0 * d;
+        const int64_t total = cols * d;
+#pragma omp simd
+        for (int64_t t = 0; t < total; ++t) out[t] = static_cast<uint32_t>(src[t]) << 16;
+        return view2d(buf.data(), d, cols, 1, d);
+      }
+      for (int64_t e = 0; e < d; ++e) {
+        const uint16_t* src = w16 + e * m + c0;
+        uint32_t* o = out + e * cols;
+#pragma omp simd
+        for (int64_t t = 0; t < cols; ++t) o[t] = static_cast<uint32_t>(src[t]) << 16;
+      }
+      return view2d(buf.data(), d, cols, cols);
+    } else {
+      STD_TORCH_CHECK(false, "topk_encode: bfloat16 weights need float32 inputs");
+      return w_tile(w, w_t, d, m, c0, cols);
+    }
+  };
+
   auto run_block = [&](int64_t r0, int64_t rows, T* tile, TopKRows<T>& sel, bool parallel_select) {
+    std::vector<T> wbuf;
     sel.reset(rows);
     const Tensor xa = view2d(x + r0 * d, rows, d, d);
     for (int64_t c0 = 0; c0 < m; c0 += ct) {
       const int64_t cols = std::min(ct, m - c0);
-      mm_out(xa, view2d(w + c0, d, cols, m), view2d(tile, rows, cols, cols));
+      mm_out(xa, tile_view(c0, cols, wbuf), view2d(tile, rows, cols, cols));
       auto select = [&](int64_t a, int64_t z) {
         for (int64_t r = a; r < z; ++r)
           if (!sel.push(r, tile + r * cols, b + c0, cols, static_cast<int32_t>(c0))) nan.store(true);
@@ -144,14 +179,14 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
     const int64_t blocks = (n + sb - 1) / sb;
     std::atomic<int64_t> next{0};
     ts::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
-      std::vector<T> tile(static_cast<size_t>(rb * ct));
+      std::vector<T> tile(static_cast<size_t>(rb * ct)), wbuf;
       TopKRows<T> sel(sb, k);
       for (int64_t blk = next++; blk < blocks; blk = next++) {
         const int64_t r0 = blk * sb, rows = std::min(sb, n - r0);
         sel.reset(rows);
         for (int64_t c0 = 0; c0 < m; c0 += ct) {
           const int64_t cols = std::min(ct, m - c0);
-          const Tensor wt = view2d(w + c0, d, cols, m);
+          const Tensor wt = tile_view(c0, cols, wbuf);
           for (int64_t s0 = 0; s0 < rows; s0 += rb) {
             const int64_t sr = std::min(rb, rows - s0);
             mm_out(view2d(x + (r0 + s0) * d, sr, d, d), wt, view2d(tile.data(), sr, cols, cols));
@@ -234,7 +269,7 @@ void transpose(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int
 
 // Backward for float/double on contiguous inputs (see the file comment).
 template <typename T>
-void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, const T* w, int64_t n,
+void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, const T* w, bool w_t, int64_t n,
                      int64_t d, int64_t m, int64_t k, T* gx, T* gw, T* gb, T* wt) {
   const int64_t pairs = n * k;
   std::vector<T> g(static_cast<size_t>(pairs));
@@ -266,7 +301,8 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * L, len = std::min(L, m - j0);
       for (int64_t l = 0; l < len; ++l) {
-        T* a = acc.data() + l * dp;
+        // w_t: grad_W_enc has W_enc's layout, so latent j0 + l's gradient is one contiguous row.
+        T* a = w_t ? gw + (j0 + l) * d : acc.data() + l * dp;
         std::fill(a, a + d, T(0));
         T sb = T(0);
         for (int64_t q = start[j0 + l]; q < start[j0 + l + 1]; ++q) {
@@ -277,6 +313,7 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
         }
         gb[j0 + l] = sb;
       }
+      if (w_t) continue;  // rows written in place; W_enc^T is W_enc's own memory
       // grad_W_enc[e, j0 + l] = acc[l, e]: 8x8 register transposes, e-blocks outermost so that every
       // output row gets its whole 128-byte run at once.
       transpose(acc.data(), dp, len, d, gw + j0, m, /*src_rows_inner=*/true, nullptr);
@@ -326,6 +363,12 @@ ScalarType acc_of(ScalarType s) { return s == ScalarType::Double ? ScalarType::D
 // Contiguous copy in the accumulation dtype (no copy when already so).
 Tensor as_acc(const Tensor& t, ScalarType acc) { return ts::contiguous(ts::to(t, acc)); }
 
+// True when the 2-D t is the transpose of a contiguous matrix (strides (1, rows)), e.g. W_enc kept as
+// nn.Linear's [m, d] weight and passed transposed. The kernels read that layout in place (no copy).
+bool is_transposed_contiguous(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {
@@ -336,7 +379,9 @@ std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc,
   check_cpu(W_enc, "W_enc");
   check_cpu(b_enc, "b_enc");
   check_floating(x, "x");
-  check_same_dtype(x, W_enc, "x", "W_enc");
+  // bfloat16 weights with float32 inputs: the opt-in weight-only bf16 path (fp32 accumulation).
+  const bool bf16_w = W_enc.scalar_type() == ScalarType::BFloat16 && x.scalar_type() == ScalarType::Float;
+  if (!bf16_w) check_same_dtype(x, W_enc, "x", "W_enc");
   check_same_dtype(x, b_enc, "x", "b_enc");
   const int64_t n = x.size(0), d = x.size(1), m = W_enc.size(1);
   check_size(W_enc, 0, d, "W_enc");
@@ -348,15 +393,19 @@ std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc,
   Tensor values = ts::new_empty(x, {n, k}, acc);
   Tensor indices = ts::new_empty(x, {n, k}, ScalarType::Long);
   if (n > 0) {
-    const Tensor xa = as_acc(x, acc), wa = as_acc(W_enc, acc), ba = as_acc(b_enc, acc);
+    const bool w_t = is_transposed_contiguous(W_enc) && (W_enc.scalar_type() == acc || bf16_w);
+    // bf16 weights stay bf16 (widened tile by tile inside the kernel): only a non-contiguous layout is copied.
+    const Tensor wa = w_t ? W_enc : (bf16_w ? ts::contiguous(W_enc) : as_acc(W_enc, acc));
+    const Tensor xa = as_acc(x, acc), ba = as_acc(b_enc, acc);
+    const uint16_t* w16 = bf16_w ? static_cast<const uint16_t*>(wa.const_data_ptr()) : nullptr;
     std::atomic<bool> nan{false};
     auto* out_i = static_cast<int64_t*>(indices.mutable_data_ptr());
     if (acc == ScalarType::Double) {
-      encode<double>(static_cast<const double*>(xa.const_data_ptr()), static_cast<const double*>(wa.const_data_ptr()),
+      encode<double>(static_cast<const double*>(xa.const_data_ptr()), static_cast<const double*>(wa.const_data_ptr()), nullptr, w_t,
                      static_cast<const double*>(ba.const_data_ptr()), n, d, m, k,
                      static_cast<double*>(values.mutable_data_ptr()), out_i, nan);
     } else {
-      encode<float>(static_cast<const float*>(xa.const_data_ptr()), static_cast<const float*>(wa.const_data_ptr()),
+      encode<float>(static_cast<const float*>(xa.const_data_ptr()), bf16_w ? nullptr : static_cast<const float*>(wa.const_data_ptr()), w16, w_t,
                     static_cast<const float*>(ba.const_data_ptr()), n, d, m, k,
                     static_cast<float*>(values.mutable_data_ptr()), out_i, nan);
     }
@@ -390,10 +439,13 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, 
   check_size(grad_values, 1, k, "grad_values");
 
   const ScalarType acc = acc_of(x.scalar_type());  // as the reference: accumulate in x's acc dtype
-  const Tensor ga = as_acc(grad_values, acc), va = as_acc(values, acc), xa = as_acc(x, acc), wa = as_acc(W_enc, acc);
+  const bool w_t = is_transposed_contiguous(W_enc) && W_enc.scalar_type() == acc;
+  const Tensor ga = as_acc(grad_values, acc), va = as_acc(values, acc), xa = as_acc(x, acc);
+  const Tensor wa = w_t ? W_enc : as_acc(W_enc, acc);
   const Tensor ia = ts::contiguous(ts::to(indices, ScalarType::Long));
   Tensor gx = ts::new_empty(xa, {n, d});
-  Tensor gw = ts::new_empty(xa, {d, m});
+  // grad_W_enc takes W_enc's layout (then autograd accumulates it into .grad without a copy).
+  Tensor gw = w_t ? ts::transpose(ts::new_empty(xa, {m, d}), 0, 1) : ts::new_empty(xa, {d, m});
   Tensor gb = ts::new_empty(xa, {m});
   const size_t es = acc == ScalarType::Double ? sizeof(double) : sizeof(float);
   // Fresh outputs of several MiB: back them with huge pages (faulting a 32 MiB grad in 4 KiB pages cost
@@ -402,18 +454,18 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, 
   cpu::advise_huge_pages(gx, es);
   // W_enc^T scratch ([m, d]; rows of used latents only are written and read), kept per calling thread
   // between calls so that its pages are faulted in once per training run, not once per step.
-  void* wt = scratch(static_cast<size_t>(m * d) * es);
+  void* wt = w_t ? const_cast<void*>(wa.const_data_ptr()) : scratch(static_cast<size_t>(m * d) * es);
   const auto* ip = static_cast<const int64_t*>(ia.const_data_ptr());
   if (acc == ScalarType::Double) {
     using T = double;
     encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
-                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
+                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), w_t, n,
                        d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
                        static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt));
   } else {
     using T = float;
     encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
-                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
+                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), w_t, n,
                        d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
                        static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt));
   }
