@@ -19,12 +19,20 @@
 // compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning and tests only);
 // they are read per call.
 //
+// Layouts and dtypes. W_enc is [d, m] row-major, or the transpose of a row-major [m, d] matrix
+// (nn.Linear's layout, which TopKSAE keeps): the latter is read in place, a latent tile being one
+// contiguous block of rows, and its gradient is returned in the same layout so that autograd stores it
+// without a copy (the former copy of W_enc per call and of grad_W_enc per step cost ~80-150 ms at paper
+// scale, torch.profiler). A bfloat16 W_enc with float32 x (the opt-in weight_dtype path) stays bf16 in
+// memory and is widened to fp32 one [d, ct] tile at a time; the GEMM and the selection run in fp32.
+//
 // Backward. g = grad_values masked by values > 0. The selected pairs are bucketed by latent with a
 // serial counting sort (order within a latent = row-major order of [N, k], so sums are deterministic);
-// a parallel_for over chunks of latents then builds grad_b, grad_W_enc (each thread owns whole columns,
-// accumulated in an [L, d] tile and written transposed) and copies the used columns of W_enc into a
-// row-major [m, d] scratch; a second parallel_for over rows gathers grad_x from that scratch. No dense
-// [N, m] or [N*k, d] tensor is built.
+// a parallel_for over chunks of latents then builds grad_b and grad_W_enc (each thread owns whole
+// latents; with the [m, d] layout each latent's gradient row is accumulated in place, with the [d, m]
+// layout in an [L, d] tile written out by 8x8 register transposes) and, for the [d, m] layout only,
+// transposes the used columns of W_enc into a per-thread [m, d] scratch kept between calls; a second
+// parallel_for over rows gathers grad_x from the W_enc^T rows. No dense [N, m] or [N*k, d] tensor.
 #include <torch/csrc/stable/device.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
