@@ -108,7 +108,11 @@ def problem(n, d, m, k, dev):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(n, d, generator=g) * 2 + 0.3).to(dev)
     vals = (torch.rand(n, k, generator=g) + 0.1).to(dev)
-    idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(n)]).to(dev)
+    # k distinct latents per row without a per-row randperm (n reaches 65536): slot j of row i lies in
+    # its own window [r_i + j*step, r_i + (j+1)*step) mod m.
+    step = m // k
+    r = torch.randint(0, m, (n, 1), generator=g)
+    idx = ((r + torch.arange(k) * step + torch.randint(0, step, (n, k), generator=g)) % m).to(dev)
     gout = torch.randn(n, d, generator=g).to(dev)
     return w, x, vals, idx, gout
 
