@@ -31,7 +31,8 @@ def summarize(paths: list[str]) -> str:
         mi = data.get("machine_info", {})
         machine = f"{mi.get('cpu', {}).get('brand_raw', '?')}, {mi.get('cpu', {}).get('count', '?')} cores"
         for b in data["benchmarks"]:
-            groups[b.get("group") or b["name"]].append((_impl(b), b["stats"]))
+            stats = dict(b["stats"], extra=b.get("extra_info", {}))
+            groups[b.get("group") or b["name"]].append((_impl(b), stats))
     out = [f"machine: {machine}", ""]
     for group, rows in sorted(groups.items()):
         ours = next((s for i, s in rows if i.split("-")[0] in OURS), rows[0][1])
@@ -43,6 +44,13 @@ def summarize(paths: list[str]) -> str:
             ratio = s["median"] / ours["median"] if ours["median"] else float("nan")
             out.append(f"| {impl} | {s['median'] * 1e3:.2f} | {s['min'] * 1e3:.2f} | {s['max'] * 1e3:.2f} "
                        f"| {s['rounds']} | {ratio:.2f}× |")
+        # Load-robust ratios from call-by-call alternation in the same test (bench_peers.py).
+        for impl, s in rows:
+            inter = {k: v for k, v in s["extra"].items() if k.startswith("interleaved_")}
+            if inter:
+                out.append("")
+                out.append(f"interleaved with `{impl}`: " + ", ".join(
+                    f"{k[len('interleaved_'):]} {v:.2f}×" for k, v in sorted(inter.items())))
         out.append("")
     return "\n".join(out)
 

@@ -126,7 +126,9 @@ class TopKSAE(nn.Module):
         """Rescale ``h [..., d]`` and keep the top-k ReLU'd pre-activations: a :class:`SparseCode`."""
         flat, lead = self._flatten(h)
         s = self.input_scale(flat)
-        values, indices = topk_encode(flat * s[:, None], self.W_enc, self.b_enc, self.cfg.k)
+        # normalize='none': s is all ones, so skip the [N, d] multiply (one read and write of the batch).
+        x = flat if self.cfg.normalize == "none" else flat * s[:, None]
+        values, indices = topk_encode(x, self.W_enc, self.b_enc, self.cfg.k)
         k = self.cfg.k
         return SparseCode(values.reshape(*lead, k), indices.reshape(*lead, k), s.reshape(lead))
 
@@ -154,7 +156,7 @@ class TopKSAE(nn.Module):
         if stopgrad_class and self.cfg.n_concepts > 0:
             v = torch.where(idx < self.cfg.n_concepts, v.detach(), v)
         x_hat = sparse_decode(v, idx, self.W_dec, self.b_dec)  # [N, d]
-        if scale is not None:
+        if scale is not None and self.cfg.normalize != "none":  # normalize='none': the scale is all ones
             x_hat = x_hat / scale.reshape(-1)[:, None]
         return x_hat.reshape(*lead, self.d)
 

@@ -19,12 +19,20 @@
 // compares) runs serially. CONCEPT_EXT_TOPK_RB / _CT override the block sizes (tuning and tests only);
 // they are read per call.
 //
+// Layouts and dtypes. W_enc is [d, m] row-major, or the transpose of a row-major [m, d] matrix
+// (nn.Linear's layout, which TopKSAE keeps): the latter is read in place, a latent tile being one
+// contiguous block of rows, and its gradient is returned in the same layout so that autograd stores it
+// without a copy (the former copy of W_enc per call and of grad_W_enc per step cost ~80-150 ms at paper
+// scale, torch.profiler). A bfloat16 W_enc with float32 x (the opt-in weight_dtype path) stays bf16 in
+// memory and is widened to fp32 one [d, ct] tile at a time; the GEMM and the selection run in fp32.
+//
 // Backward. g = grad_values masked by values > 0. The selected pairs are bucketed by latent with a
 // serial counting sort (order within a latent = row-major order of [N, k], so sums are deterministic);
-// a parallel_for over chunks of latents then builds grad_b, grad_W_enc (each thread owns whole columns,
-// accumulated in an [L, d] tile and written transposed) and copies the used columns of W_enc into a
-// row-major [m, d] scratch; a second parallel_for over rows gathers grad_x from that scratch. No dense
-// [N, m] or [N*k, d] tensor is built.
+// a parallel_for over chunks of latents then builds grad_b and grad_W_enc (each thread owns whole
+// latents; with the [m, d] layout each latent's gradient row is accumulated in place, with the [d, m]
+// layout in an [L, d] tile written out by 8x8 register transposes) and, for the [d, m] layout only,
+// transposes the used columns of W_enc into a per-thread [m, d] scratch kept between calls; a second
+// parallel_for over rows gathers grad_x from the W_enc^T rows. No dense [N, m] or [N*k, d] tensor.
 #include <torch/csrc/stable/device.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -42,8 +50,13 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "concept_ext/checks.h"
 #include "concept_ext/kernels.h"
+#include "sparse_util.h"
 #include "topk_select.h"
 
 namespace concept_ext {
@@ -66,9 +79,16 @@ void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
 
 // A [rows, cols] view of raw CPU memory with the given row stride (no dispatcher call, no copy).
 template <typename T>
-Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t row_stride) {
-  return ts::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, 1},
+Tensor view2d(const T* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride = 1) {
+  return ts::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, col_stride},
                        ts::Device(torch::headeronly::DeviceType::CPU), scalar_type_of<T>());
+}
+
+// The [d, cols] slice of W_enc starting at latent c0: W_enc is [d, m] row-major, or (w_t) the transpose
+// of a row-major [m, d] matrix, nn.Linear's layout, where the slice is one contiguous block of rows.
+template <typename T>
+Tensor w_tile(const T* w, bool w_t, int64_t d, int64_t m, int64_t c0, int64_t cols) {
+  return w_t ? view2d(w + c0 * d, d, cols, 1, d) : view2d(w + c0, d, cols, m);
 }
 
 struct Tuning {
@@ -94,8 +114,8 @@ Tuning tuning() {
 
 // Forward for float/double on contiguous inputs. out_v/out_i: [n, k]. Sets `nan` when a NaN is seen.
 template <typename T>
-void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m, int64_t k, T* out_v,
-            int64_t* out_i, std::atomic<bool>& nan) {
+void encode(const T* x, const T* w, const uint16_t* w16, bool w_t, const T* b, int64_t n, int64_t d, int64_t m,
+            int64_t k, T* out_v, int64_t* out_i, std::atomic<bool>& nan) {
   const Tuning tune = tuning();
   const int64_t threads = std::max<int64_t>(1, ts::get_num_threads());
   const int64_t ct = std::min(tune.ct, m);
@@ -107,12 +127,40 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   // Few rows (auto): the BLAS threads the GEMM; the selection (n * m compares) stays serial.
   const bool select_in_parallel = tune.strategy == 2;
 
+  // The W_enc tile as an fp32 [d, cols] view: in place, or (bfloat16 weights, w16) widened into `buf`
+  // (d * ct floats, reused for every tile; the GEMM then reads it from cache sb / rb times).
+  auto tile_view = [&](int64_t c0, int64_t cols, std::vector<T>& buf) -> Tensor {
+    if (w16 == nullptr) return w_tile(w, w_t, d, m, c0, cols);
+    if constexpr (std::is_same_v<T, float>) {
+      if (buf.size() < static_cast<size_t>(d * cols)) buf.resize(static_cast<size_t>(d * ct));
+      uint32_t* out = reinterpret_cast<uint32_t*>(buf.data());
+      if (w_t) {  // rows c0 .. c0 + cols of the row-major [m, d] storage: one contiguous block
+        const uint16_t* src = w16 + c0 * d;
+        const int64_t total = cols * d;
+#pragma omp simd
+        for (int64_t t = 0; t < total; ++t) out[t] = static_cast<uint32_t>(src[t]) << 16;
+        return view2d(buf.data(), d, cols, 1, d);
+      }
+      for (int64_t e = 0; e < d; ++e) {
+        const uint16_t* src = w16 + e * m + c0;
+        uint32_t* o = out + e * cols;
+#pragma omp simd
+        for (int64_t t = 0; t < cols; ++t) o[t] = static_cast<uint32_t>(src[t]) << 16;
+      }
+      return view2d(buf.data(), d, cols, cols);
+    } else {
+      STD_TORCH_CHECK(false, "topk_encode: bfloat16 weights need float32 inputs");
+      return w_tile(w, w_t, d, m, c0, cols);
+    }
+  };
+
   auto run_block = [&](int64_t r0, int64_t rows, T* tile, TopKRows<T>& sel, bool parallel_select) {
+    std::vector<T> wbuf;
     sel.reset(rows);
     const Tensor xa = view2d(x + r0 * d, rows, d, d);
     for (int64_t c0 = 0; c0 < m; c0 += ct) {
       const int64_t cols = std::min(ct, m - c0);
-      mm_out(xa, view2d(w + c0, d, cols, m), view2d(tile, rows, cols, cols));
+      mm_out(xa, tile_view(c0, cols, wbuf), view2d(tile, rows, cols, cols));
       auto select = [&](int64_t a, int64_t z) {
         for (int64_t r = a; r < z; ++r)
           if (!sel.push(r, tile + r * cols, b + c0, cols, static_cast<int32_t>(c0))) nan.store(true);
@@ -133,20 +181,23 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
     // from memory once per super-block, not once per rb rows (W_enc is often larger than L3).
     // Super-blocks are handed out dynamically (an atomic counter): on a shared machine a descheduled
     // thread delays only the super-block it holds.
-    const int64_t x_budget = std::max<int64_t>(rb, (int64_t{4} << 20) / (d * int64_t(sizeof(T))) / rb * rb);
+    // bf16 weights: every super-block widens all of W_enc once, so take super-blocks twice as tall
+    // (8 MiB of x) to halve that work (it was ~4% of the encode at paper scale, 2 threads).
+    const int64_t x_bytes = (w16 ? int64_t{8} : int64_t{4}) << 20;
+    const int64_t x_budget = std::max<int64_t>(rb, x_bytes / (d * int64_t(sizeof(T))) / rb * rb);
     const int64_t sb = std::max<int64_t>(
         1, std::min({(n + threads - 1) / threads, x_budget, (int64_t{1} << 21) / (2 * k + 16)}));
     const int64_t blocks = (n + sb - 1) / sb;
     std::atomic<int64_t> next{0};
     ts::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
-      std::vector<T> tile(static_cast<size_t>(rb * ct));
+      std::vector<T> tile(static_cast<size_t>(rb * ct)), wbuf;
       TopKRows<T> sel(sb, k);
       for (int64_t blk = next++; blk < blocks; blk = next++) {
         const int64_t r0 = blk * sb, rows = std::min(sb, n - r0);
         sel.reset(rows);
         for (int64_t c0 = 0; c0 < m; c0 += ct) {
           const int64_t cols = std::min(ct, m - c0);
-          const Tensor wt = view2d(w + c0, d, cols, m);
+          const Tensor wt = tile_view(c0, cols, wbuf);
           for (int64_t s0 = 0; s0 < rows; s0 += rb) {
             const int64_t sr = std::min(rb, rows - s0);
             mm_out(view2d(x + (r0 + s0) * d, sr, d, d), wt, view2d(tile.data(), sr, cols, cols));
@@ -167,9 +218,69 @@ void encode(const T* x, const T* w, const T* b, int64_t n, int64_t d, int64_t m,
   }
 }
 
+// dst[c * ds + r] = src[r * ss + c] for r < rows, c < cols, in 8x8 blocks (AVX2 register transposes
+// for float). src_rows_inner: loop over row blocks inside each column block (complete output rows first)
+// or the other way round (complete input rows first). col_used (optional, indexed by c): output rows of
+// blocks whose columns are all unused may be skipped.
+template <typename T>
+void transpose(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int64_t ds, bool src_rows_inner,
+               const bool* col_used) {
+  constexpr int64_t B = 8;
+  auto block = [&](int64_t r0, int64_t c0) {
+    const int64_t nr = std::min(B, rows - r0), nc = std::min(B, cols - c0);
+    if (col_used) {
+      bool any = false;
+      for (int64_t c = 0; c < nc; ++c) any = any || col_used[c0 + c];
+      if (!any) return;
+    }
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (nr == B && nc == B) {
+        const float* s0 = src + r0 * ss + c0;
+        __m256 a0 = _mm256_loadu_ps(s0), a1 = _mm256_loadu_ps(s0 + ss), a2 = _mm256_loadu_ps(s0 + 2 * ss),
+               a3 = _mm256_loadu_ps(s0 + 3 * ss), a4 = _mm256_loadu_ps(s0 + 4 * ss),
+               a5 = _mm256_loadu_ps(s0 + 5 * ss), a6 = _mm256_loadu_ps(s0 + 6 * ss),
+               a7 = _mm256_loadu_ps(s0 + 7 * ss);
+        const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+        const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+        const __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
+        const __m256 t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        float* d0 = dst + c0 * ds + r0;
+        _mm256_storeu_ps(d0, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(d0 + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(d0 + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(d0 + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(d0 + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(d0 + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(d0 + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(d0 + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+        return;
+      }
+    }
+#endif
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t r = 0; r < nr; ++r) dst[(c0 + c) * ds + r0 + r] = src[(r0 + r) * ss + c0 + c];
+  };
+  if (src_rows_inner) {
+    for (int64_t c0 = 0; c0 < cols; c0 += B)
+      for (int64_t r0 = 0; r0 < rows; r0 += B) block(r0, c0);
+  } else {
+    for (int64_t r0 = 0; r0 < rows; r0 += B)
+      for (int64_t c0 = 0; c0 < cols; c0 += B) block(r0, c0);
+  }
+}
+
 // Backward for float/double on contiguous inputs (see the file comment).
 template <typename T>
-void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, const T* w, int64_t n,
+void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, const T* w, bool w_t, int64_t n,
                      int64_t d, int64_t m, int64_t k, T* gx, T* gw, T* gb, T* wt) {
   const int64_t pairs = n * k;
   std::vector<T> g(static_cast<size_t>(pairs));
@@ -192,14 +303,18 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
   }
 
   constexpr int64_t L = 32;  // latents per chunk: an [L, d] accumulator, one 128-byte run per output row
+  // The accumulator's row stride is padded off a power of two: with a stride of d floats (d = 1024,
+  // 2048) its rows share one L1 set and the column reads of the transpose missed L1 on every load.
+  const int64_t dp = d + 64 / int64_t(sizeof(T));
   const int64_t chunks = (m + L - 1) / L;
   ts::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> acc(static_cast<size_t>(L * d));
+    std::vector<T> acc(static_cast<size_t>(L * dp));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * L, len = std::min(L, m - j0);
-      std::fill(acc.begin(), acc.begin() + len * d, T(0));
       for (int64_t l = 0; l < len; ++l) {
-        T* a = acc.data() + l * d;
+        // w_t: grad_W_enc has W_enc's layout, so latent j0 + l's gradient is one contiguous row.
+        T* a = w_t ? gw + (j0 + l) * d : acc.data() + l * dp;
+        std::fill(a, a + d, T(0));
         T sb = T(0);
         for (int64_t q = start[j0 + l]; q < start[j0 + l + 1]; ++q) {
           const T s = pg[q];
@@ -209,16 +324,14 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
         }
         gb[j0 + l] = sb;
       }
+      if (w_t) continue;  // rows written in place; W_enc^T is W_enc's own memory
+      // grad_W_enc[e, j0 + l] = acc[l, e]: 8x8 register transposes, e-blocks outermost so that every
+      // output row gets its whole 128-byte run at once.
+      transpose(acc.data(), dp, len, d, gw + j0, m, /*src_rows_inner=*/true, nullptr);
+      // W_enc^T rows of the used latents (read by the grad_x gather below).
       bool used[L];
       for (int64_t l = 0; l < len; ++l) used[l] = start[j0 + l + 1] > start[j0 + l];
-      for (int64_t e = 0; e < d; ++e) {
-        T* dst = gw + e * m + j0;
-        const T* src = w + e * m + j0;
-        for (int64_t l = 0; l < len; ++l) {
-          dst[l] = acc[l * d + e];
-          if (used[l]) wt[(j0 + l) * d + e] = src[l];
-        }
-      }
+      transpose(w + j0, m, d, len, wt + j0 * d, d, /*src_rows_inner=*/false, used);
     }
   });
 
@@ -236,10 +349,36 @@ void encode_backward(const T* gv, const T* val, const int64_t* idx, const T* x, 
   });
 }
 
+// A per-thread scratch buffer that only grows (huge-page advised, never shrunk while the thread lives).
+// Its size is that of W_enc, so it costs one more copy of the weight while the thread lives.
+void* scratch(size_t bytes) {
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < bytes) {
+    std::free(buf.p);
+    buf.n = 0;
+    buf.p = std::aligned_alloc(size_t(2) << 20, (bytes + (size_t(2) << 20) - 1) / (size_t(2) << 20) * (size_t(2) << 20));
+    STD_TORCH_CHECK(buf.p != nullptr, "topk_encode_backward: out of memory for a ", bytes, "-byte scratch");
+    buf.n = bytes;
+    cpu::advise_huge_pages(buf.p, bytes);
+  }
+  return buf.p;
+}
+
 ScalarType acc_of(ScalarType s) { return s == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
 
 // Contiguous copy in the accumulation dtype (no copy when already so).
 Tensor as_acc(const Tensor& t, ScalarType acc) { return ts::contiguous(ts::to(t, acc)); }
+
+// True when the 2-D t is the transpose of a contiguous matrix (strides (1, rows)), e.g. W_enc kept as
+// nn.Linear's [m, d] weight and passed transposed. The kernels read that layout in place (no copy).
+bool is_transposed_contiguous(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
 
 }  // namespace
 
@@ -251,7 +390,9 @@ std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc,
   check_cpu(W_enc, "W_enc");
   check_cpu(b_enc, "b_enc");
   check_floating(x, "x");
-  check_same_dtype(x, W_enc, "x", "W_enc");
+  // bfloat16 weights with float32 inputs: the opt-in weight-only bf16 path (fp32 accumulation).
+  const bool bf16_w = W_enc.scalar_type() == ScalarType::BFloat16 && x.scalar_type() == ScalarType::Float;
+  if (!bf16_w) check_same_dtype(x, W_enc, "x", "W_enc");
   check_same_dtype(x, b_enc, "x", "b_enc");
   const int64_t n = x.size(0), d = x.size(1), m = W_enc.size(1);
   check_size(W_enc, 0, d, "W_enc");
@@ -263,15 +404,19 @@ std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc,
   Tensor values = ts::new_empty(x, {n, k}, acc);
   Tensor indices = ts::new_empty(x, {n, k}, ScalarType::Long);
   if (n > 0) {
-    const Tensor xa = as_acc(x, acc), wa = as_acc(W_enc, acc), ba = as_acc(b_enc, acc);
+    const bool w_t = is_transposed_contiguous(W_enc) && (W_enc.scalar_type() == acc || bf16_w);
+    // bf16 weights stay bf16 (widened tile by tile inside the kernel): only a non-contiguous layout is copied.
+    const Tensor wa = w_t ? W_enc : (bf16_w ? ts::contiguous(W_enc) : as_acc(W_enc, acc));
+    const Tensor xa = as_acc(x, acc), ba = as_acc(b_enc, acc);
+    const uint16_t* w16 = bf16_w ? static_cast<const uint16_t*>(wa.const_data_ptr()) : nullptr;
     std::atomic<bool> nan{false};
     auto* out_i = static_cast<int64_t*>(indices.mutable_data_ptr());
     if (acc == ScalarType::Double) {
-      encode<double>(static_cast<const double*>(xa.const_data_ptr()), static_cast<const double*>(wa.const_data_ptr()),
+      encode<double>(static_cast<const double*>(xa.const_data_ptr()), static_cast<const double*>(wa.const_data_ptr()), nullptr, w_t,
                      static_cast<const double*>(ba.const_data_ptr()), n, d, m, k,
                      static_cast<double*>(values.mutable_data_ptr()), out_i, nan);
     } else {
-      encode<float>(static_cast<const float*>(xa.const_data_ptr()), static_cast<const float*>(wa.const_data_ptr()),
+      encode<float>(static_cast<const float*>(xa.const_data_ptr()), bf16_w ? nullptr : static_cast<const float*>(wa.const_data_ptr()), w16, w_t,
                     static_cast<const float*>(ba.const_data_ptr()), n, d, m, k,
                     static_cast<float*>(values.mutable_data_ptr()), out_i, nan);
     }
@@ -305,25 +450,35 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, 
   check_size(grad_values, 1, k, "grad_values");
 
   const ScalarType acc = acc_of(x.scalar_type());  // as the reference: accumulate in x's acc dtype
-  const Tensor ga = as_acc(grad_values, acc), va = as_acc(values, acc), xa = as_acc(x, acc), wa = as_acc(W_enc, acc);
+  const bool w_t = is_transposed_contiguous(W_enc) && W_enc.scalar_type() == acc;
+  const Tensor ga = as_acc(grad_values, acc), va = as_acc(values, acc), xa = as_acc(x, acc);
+  const Tensor wa = w_t ? W_enc : as_acc(W_enc, acc);
   const Tensor ia = ts::contiguous(ts::to(indices, ScalarType::Long));
   Tensor gx = ts::new_empty(xa, {n, d});
-  Tensor gw = ts::new_empty(xa, {d, m});
+  // grad_W_enc takes W_enc's layout (then autograd accumulates it into .grad without a copy).
+  Tensor gw = w_t ? ts::transpose(ts::new_empty(xa, {m, d}), 0, 1) : ts::new_empty(xa, {d, m});
   Tensor gb = ts::new_empty(xa, {m});
-  Tensor wt = ts::new_empty(xa, {m, d});  // rows of used latents only are written and read
+  const size_t es = acc == ScalarType::Double ? sizeof(double) : sizeof(float);
+  // Fresh outputs of several MiB: back them with huge pages (faulting a 32 MiB grad in 4 KiB pages cost
+  // more than the whole scatter, see cpu::advise_huge_pages).
+  cpu::advise_huge_pages(gw, es);
+  cpu::advise_huge_pages(gx, es);
+  // W_enc^T scratch ([m, d]; rows of used latents only are written and read), kept per calling thread
+  // between calls so that its pages are faulted in once per training run, not once per step.
+  void* wt = w_t ? const_cast<void*>(wa.const_data_ptr()) : scratch(static_cast<size_t>(m * d) * es);
   const auto* ip = static_cast<const int64_t*>(ia.const_data_ptr());
   if (acc == ScalarType::Double) {
     using T = double;
     encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
-                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
+                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), w_t, n,
                        d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
-                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt.mutable_data_ptr()));
+                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt));
   } else {
     using T = float;
     encode_backward<T>(static_cast<const T*>(ga.const_data_ptr()), static_cast<const T*>(va.const_data_ptr()), ip,
-                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), n,
+                       static_cast<const T*>(xa.const_data_ptr()), static_cast<const T*>(wa.const_data_ptr()), w_t, n,
                        d, m, k, static_cast<T*>(gx.mutable_data_ptr()), static_cast<T*>(gw.mutable_data_ptr()),
-                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt.mutable_data_ptr()));
+                       static_cast<T*>(gb.mutable_data_ptr()), static_cast<T*>(wt));
   }
   if (x.scalar_type() != acc) gx = ts::to(gx, x.scalar_type());
   if (W_enc.scalar_type() != acc) {

@@ -1,0 +1,365 @@
+"""One-process benchmark of concept_ext against plain eager PyTorch, torch.compile, eai-sparsify and SAELens
+(issue 8 item 2; performance.md sections 3.3-3.7).
+
+In a single process it measures the device ceilings (copy bandwidth, matmul rate), then for every size
+times encode, decode fwd+bwd, the activation-rate loss fwd+bwd, a TopK-SAE training step (fwd+bwd, no
+optimiser) and ablate_decode, for each available implementation on identical inputs. Next to every timing
+it checks the result against the pure-PyTorch reference (max relative error, and pass/fail), and it
+reports min/median/max, peak memory (CUDA only; "n/a" on CPU) and the ratio to the best peer. A short
+table is printed last; the full record goes to ``benchmarks/results/<device>-<date>.json`` (``--out``).
+
+    python benchmarks/run_gpu.py --sizes paper core          # on a GPU (sizes of performance.md 3.3)
+    python benchmarks/run_gpu.py --sizes stress              # H200 preferred
+    python benchmarks/run_gpu.py --cpu-smoke                 # tiny CPU sizes (CI smoke test)
+
+Build the extension first (nothing is compiled inside the timed script except torch.compile's graphs,
+whose compile time is excluded by warm-up). Peers are optional: an implementation whose package is missing
+is listed as skipped with the reason. No GPU number is claimed anywhere from this file: it only measures.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import concept_ext  # noqa: E402
+import peers  # noqa: E402
+from concept_ext import reference  # noqa: E402
+from concept_ext.config_sae import SAEConfig, TrainConfig  # noqa: E402
+from concept_ext.losses import sae_losses  # noqa: E402
+from concept_ext.sae import TopKSAE  # noqa: E402
+
+#: name -> list of (n, d, m, k); performance.md 3.3.
+SIZES = {
+    "paper": [(2000, 2048, 4096, 10), (500, 1024, 2048, 10)],
+    "core": [(16384, d, m, k) for d in (512, 1024, 2048) for m in (4096, 16384, 65536) for k in (32, 128)],
+    "stress": [(65536, 512, 65536, 32)],
+    "cpu": [(2000, 2048, 4096, 10), (4096, 1024, 16384, 32)],
+    "smoke": [(64, 32, 256, 8)],
+}
+MSE_ONLY = TrainConfig(lambda_mse=1.0, lambda_ar=0.0, lambda_cls=0.0, mse_normalization="fvu",
+                       dead_latents="none", device="cpu")
+RATE = 0.1
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int) -> dict:
+    """min/median/max seconds of ``reps`` calls after ``warmup`` calls, and peak extra memory (CUDA)."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        ts.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else None
+    return {"min_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts), "max_ms": 1e3 * max(ts),
+            "reps": reps, "peak_extra_mib": peak}
+
+
+def ceilings(dev: torch.device, smoke: bool) -> dict:
+    """Copy bandwidth (read + write counted) and the matmul rate, measured in this process."""
+    nbytes = (16 if smoke else 1024) << 20
+    a = torch.empty(nbytes // 4, device=dev).normal_()
+    t = timeit(lambda: a.clone(), dev, 5, 1)
+    out = {"copy_GBps": 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9}
+    s = 256 if smoke else 8192
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(s, s, device=dev).to(dtype)
+        t = timeit(lambda: x @ x, dev, 3, 1)
+        out[f"matmul_{str(dtype)[6:]}_TFLOPs_{s}"] = 2 * s**3 / (t["median_ms"] * 1e-3) / 1e12
+    return out
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------ problems
+
+
+def problem(n, d, m, k, dev):
+    w = peers.make_weights(d, m)
+    w = peers.Weights(*(t.to(dev) for t in w))
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(n, d, generator=g) * 2 + 0.3).to(dev)
+    vals = (torch.rand(n, k, generator=g) + 0.1).to(dev)
+    # k distinct latents per row without a per-row randperm (n reaches 65536): slot j of row i lies in
+    # its own window [r_i + j*step, r_i + (j+1)*step) mod m.
+    step = m // k
+    r = torch.randint(0, m, (n, 1), generator=g)
+    idx = ((r + torch.arange(k) * step + torch.randint(0, step, (n, k), generator=g)) % m).to(dev)
+    gout = torch.randn(n, d, generator=g).to(dev)
+    return w, x, vals, idx, gout
+
+
+def encode_impls(w, x, k, compiled):
+    w_lin = w.W_enc.t().contiguous()
+    eager = lambda x: torch.topk(F.relu(F.linear(x, w_lin, w.b_enc)), k, dim=1, sorted=False)  # noqa: E731
+    impls = {"ours": lambda: concept_ext.topk_encode(x, w_lin.t(), w.b_enc, k), "eager": lambda: eager(x)}
+    if compiled:
+        ce = torch.compile(eager)
+        impls["compile"] = lambda: ce(x)
+    if not peers.missing_reason("sparsify"):
+        coder = peers.sparsify_coder(peers.Weights(*(t.cpu() for t in w)), k).to(x.device)
+        impls["sparsify"] = lambda: peers.sparsify_encode(coder, x)
+    if not peers.missing_reason("sae_lens"):
+        sae = peers.saelens_sae(peers.Weights(*(t.cpu() for t in w)), k).to(x.device)
+        impls["sae_lens"] = lambda: peers.saelens_encode(sae, x).topk(k, dim=1)
+    want = torch.addmm(w.b_enc.double(), x.double(), w.W_enc.double()).topk(k, dim=1).values.clamp_min(0)
+
+    def check(out):  # tie-aware: the sorted selected values
+        return rel_err(out[0].sort(1, descending=True).values, want)
+
+    return impls, check
+
+
+def decode_impls(w, vals, idx, gout, m, compiled):
+    W = w.W_dec.clone().requires_grad_(True)
+    v = vals.clone().requires_grad_(True)
+
+    def fwd_bwd(f):
+        def run():
+            v.grad = W.grad = None
+            f().backward(gout)
+            return v.grad, W.grad
+        return run
+
+    bag = lambda: F.embedding_bag(idx, W, per_sample_weights=v, mode="sum") + w.b_dec  # noqa: E731
+    dense = lambda: torch.zeros(idx.shape[0], m, device=v.device).scatter(1, idx, v) @ W + w.b_dec  # noqa: E731
+    impls = {"ours": fwd_bwd(lambda: concept_ext.sparse_decode(v, idx, W, w.b_dec)), "eager": fwd_bwd(bag),
+             "eager_dense": fwd_bwd(dense)}
+    if compiled:
+        impls["compile"] = fwd_bwd(torch.compile(bag))
+    if not peers.missing_reason("sparsify"):
+        dec = peers.sparsify_decode()
+        impls["sparsify"] = fwd_bwd(lambda: dec(idx, v, W.mT) + w.b_dec)
+    if not peers.missing_reason("sae_lens"):
+        impls["sae_lens"] = fwd_bwd(dense)  # SAELens' default TopK decode is this dense form
+    gv, gw = reference.sparse_decode_backward(gout, vals, idx, w.W_dec)
+    return impls, lambda out: max(rel_err(out[0], gv), rel_err(out[1], gw))
+
+
+def ar_impls(vals, idx, m, compiled):
+    v = vals.clone().requires_grad_(True)
+    n = vals.shape[0]
+    m_tau = int(math.floor(RATE * n + 1e-9))
+
+    def dense_loss():
+        z = torch.zeros(n, m, device=v.device).scatter(1, idx, v)
+        return (z.sum() - z.topk(m_tau, dim=0).values.sum()) / n
+
+    def fwd_bwd(f):
+        def run():
+            v.grad = None
+            loss = f()
+            loss.backward()
+            return loss.detach(), v.grad
+        return run
+
+    impls = {"ours": fwd_bwd(lambda: concept_ext.activation_rate_loss(v, idx, m, RATE)),
+             "eager": fwd_bwd(dense_loss)}
+    if compiled:
+        impls["compile"] = fwd_bwd(torch.compile(dense_loss))
+    want = reference.activation_rate_loss(vals, idx, m, RATE)
+    return impls, lambda out: rel_err(out[0], want)
+
+
+def train_impls(w, x, k, compiled):
+    d, m = w.W_enc.shape
+    sae = TopKSAE(SAEConfig(d=d, m=m, k=k, architecture="topk", normalize="none", n_concepts=0)).to(x.device)
+    with torch.no_grad():
+        for p, t in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), w):
+            p.copy_(t)
+    params = [p for p in sae.parameters()]
+
+    def ours():
+        sae.zero_grad(set_to_none=True)
+        out = sae_losses(sae, x, None, MSE_ONLY)
+        out.terms.total.backward()
+        return sae.W_dec.grad
+
+    def eager_loss():  # plain dense PyTorch: linear, topk, scatter to [N, m], dense decode, FVU
+        pre = F.relu(x @ sae.W_enc + sae.b_enc)
+        top = pre.topk(k, dim=1, sorted=False)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+        x_hat = z @ sae.W_dec + sae.b_dec
+        return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+    def step(loss_fn):
+        def run():
+            sae.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            return sae.W_dec.grad
+        return run
+
+    impls = {"ours": ours, "eager": step(eager_loss)}
+    if compiled:
+        impls["compile"] = step(torch.compile(eager_loss))
+    ref_grad = None
+    if not peers.missing_reason("sparsify"):
+        coder = peers.sparsify_coder(peers.Weights(*(t.cpu() for t in w)), k).to(x.device)
+
+        def sp():
+            coder.zero_grad(set_to_none=True)
+            peers.sparsify_step(coder, x)
+            return coder.W_dec.grad
+
+        impls["sparsify"] = sp
+    if not peers.missing_reason("sae_lens"):
+        sl = peers.saelens_sae(peers.Weights(*(t.cpu() for t in w)), k).to(x.device)
+        scale = float(((x - x.mean(0)) ** 2).sum() / x.shape[0])
+
+        def slr():
+            sl.zero_grad(set_to_none=True)
+            peers.saelens_step(sl, x)
+            return sl.W_dec.grad / scale
+
+        impls["sae_lens"] = slr
+    ref_grad = step(eager_loss)().clone()
+    del params
+    return impls, lambda out: rel_err(out, ref_grad)
+
+
+def ablate_impls(w, vals, idx, n_keep=20):
+    keep = torch.arange(n_keep, device=vals.device)
+    v = vals.clone()
+    v[:, 0] = v[:, 0] + 0  # keep the code as drawn; ~n*k*n_keep/m pairs are active
+    impls = {"ours": lambda: concept_ext.ablate_decode(v, idx, w.W_dec, w.b_dec, keep),
+             "eager": lambda: reference.ablate_decode(v, idx, w.W_dec, w.b_dec, keep, None)}
+    want = reference.ablate_decode(v, idx, w.W_dec, w.b_dec, keep, None)
+    return impls, lambda out: max(rel_err(out[0], want[0]), rel_err(out[1], want[1]) if want[1].numel() else 0.0)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+PEER_NAMES = ("sparsify", "sae_lens")
+
+
+def run_size(n, d, m, k, dev, args) -> list[dict]:
+    w, x, vals, idx, gout = problem(n, d, m, k, dev)
+    builders = {
+        "encode": lambda: encode_impls(w, x, k, args.compile),
+        "decode_fwd_bwd": lambda: decode_impls(w, vals, idx, gout, m, args.compile),
+        "activation_rate_fwd_bwd": lambda: ar_impls(vals, idx, m, args.compile),
+        "train_step": lambda: train_impls(w, x, k, args.compile),
+        "ablate_decode": lambda: ablate_impls(w, vals, idx),
+    }
+    rows = []
+    for op in args.ops:
+        impls, check = builders[op]()
+        op_rows = []
+        for name, fn in impls.items():
+            if args.impls and name not in args.impls:
+                continue
+            row = {"op": op, "n": n, "d": d, "m": m, "k": k, "impl": name}
+            try:
+                err = check(fn())  # correctness on this implementation's own output, before timing
+                row.update(timeit(fn, dev, args.reps, args.warmup), rel_err=err, ok=bool(err <= args.tol))
+            except Exception as exc:  # a peer failing at a size is recorded, not fatal
+                row.update(error=f"{type(exc).__name__}: {exc}"[:300])
+            op_rows.append(row)
+        ours = next((r for r in op_rows if r["impl"] == "ours" and "median_ms" in r), None)
+        timed_peers = [r["median_ms"] for r in op_rows if r["impl"] in PEER_NAMES and "median_ms" in r]
+        others = [r["median_ms"] for r in op_rows if r["impl"] != "ours" and "median_ms" in r]
+        for r in op_rows:
+            if ours:
+                r["ratio_to_best_peer"] = min(timed_peers) / ours["median_ms"] if timed_peers else None
+                r["ratio_to_best_other"] = min(others) / ours["median_ms"] if others else None
+        rows += op_rows
+    return rows
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(dev)).strip("-").lower()
+    return f"cpu-{os.cpu_count()}core"
+
+
+def table(rows: list[dict]) -> str:
+    out = ["op | n d m k | impl | median ms | min | max | peak MiB | rel err | ok | best peer / ours"]
+    for r in rows:
+        size = f"{r['n']} {r['d']} {r['m']} {r['k']}"
+        if "median_ms" not in r:
+            out.append(f"{r['op']} | {size} | {r['impl']} | {r.get('error', 'skipped')}")
+            continue
+        peak = "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+        ratio = r.get("ratio_to_best_peer")
+        out.append(f"{r['op']} | {size} | {r['impl']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
+                   f"{r['max_ms']:.2f} | {peak} | {r['rel_err']:.1e} | {r['ok']} | "
+                   f"{'-' if ratio is None else f'{ratio:.2f}x'}")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU sizes, 1 rep (CI smoke test)")
+    ap.add_argument("--sizes", nargs="+", default=None, choices=sorted(SIZES), help="size sets")
+    ap.add_argument("--size", action="append", default=[], help="extra size n,d,m,k")
+    ap.add_argument("--ops", nargs="+", default=["encode", "decode_fwd_bwd", "activation_rate_fwd_bwd",
+                                                "train_step", "ablate_decode"])
+    ap.add_argument("--impls", nargs="+", default=None, help="only these implementations")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--tol", type=float, default=1e-3, help="max relative error counted as ok (fp32)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/<device>-<date>.json)")
+    args = ap.parse_args(argv)
+    dev = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [tuple(int(v) for v in s.split(",")) for s in args.size]
+    for name in args.sizes or (["smoke"] if args.cpu_smoke else (["cpu"] if dev.type == "cpu" else ["paper"])):
+        sizes += SIZES[name]
+    args.reps = args.reps or (1 if args.cpu_smoke else 5)
+    args.warmup = 1 if args.warmup is None else args.warmup
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    record = {
+        "device": device_name(dev), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(), "threads": torch.get_num_threads(), "versions": peers.peer_versions(),
+        "cuda": torch.version.cuda, "extension_kernel_cpu": torch._C._dispatch_has_kernel_for_dispatch_key(
+            "concept_ext::topk_encode", "CPU"),
+        "skipped_peers": {p: peers.missing_reason(p) for p in PEER_NAMES if peers.missing_reason(p)},
+        "ceilings": ceilings(dev, args.cpu_smoke), "results": [],
+    }
+    for n, d, m, k in sizes:
+        record["results"] += run_size(n, d, m, k, dev, args)
+    out = args.out or HERE / "results" / f"{record['device']}-{record['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
+    print(json.dumps({"device": record["device"], "ceilings": record["ceilings"],
+                      "skipped_peers": record["skipped_peers"]}, indent=1))
+    print(table(record["results"]))  # the short table, last
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/run_gpu.py in its CPU smoke mode: one process, every op, correctness next to every timing,
+the JSON record written atomically. Peers that are not installed are listed as skipped (CI has none)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_gpu_cpu_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("run_gpu", ROOT / "benchmarks" / "run_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "smoke.json"
+    record = mod.main(["--cpu-smoke", "--no-compile", "--threads", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"] == record["device"] and saved["ceilings"]["copy_GBps"] > 0
+    ops = {r["op"] for r in saved["results"]}
+    assert ops == {"encode", "decode_fwd_bwd", "activation_rate_fwd_bwd", "train_step", "ablate_decode"}
+    for r in saved["results"]:
+        assert "error" not in r, r
+        assert r["ok"], r  # every implementation agrees with the reference within tolerance
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    ours = [r for r in saved["results"] if r["impl"] == "ours"]
+    assert len(ours) == 5 and all(r["ratio_to_best_other"] is not None for r in ours)
+    assert "wrote" in capsys.readouterr().out.splitlines()[-1]
