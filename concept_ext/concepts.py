@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .runstate import atomic_write_json  # noqa: F401  (re-exported: used by the baselines)
+from .runstate import atomic_write_json, default_file_mode  # noqa: F401  (atomic_write_json: re-exported for the baselines)
 
 logger = logging.getLogger("concept_ext")
 
@@ -117,6 +117,7 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
