@@ -184,9 +184,9 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
     no_decay = [p for n, p in named if p.ndim < 2]
     opt, opt_name = _optimizer(decay, no_decay, cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup(), cfg.steps))
-    scaler = None
-    if amp == "fp16":
-        scaler = finetune_fsdp.grad_scaler() if fsdp is not None else torch.amp.GradScaler("cuda")
+    # FSDP too: with sharded (DTensor) gradients, DTensor's handler of the unscale op all-reduces the
+    # "found inf" flag, so every rank skips the same steps (checked on 2 gloo ranks, one overflowing shard).
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     res = FineTuneResult(steps=0, optimizer_used=opt_name)
     if st is not None:
         if fsdp is not None:
@@ -227,7 +227,8 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
                 # one row with weight 0 so that every rank takes part in the gradient all-reduce.
                 lo, hi = distributed.shard_range(len(idx))
                 mine, weight = (idx[lo:hi], 1.0 / len(idx)) if hi > lo else (idx[:1], 0.0)
-                share = ddp(batcher.batch([enc.ids[i] for i in mine]), labels[mine].to(batcher.device), weight)
+                b, y = batcher.batch([enc.ids[i] for i in mine]), labels[mine].to(batcher.device)
+                share = ddp(b, y, weight)
                 # DDP averages gradients (FSDP's reduce-scatter too); the shares' gradients add up
                 backward = share * distributed.world_size()
                 loss = share.detach().clone()

@@ -37,7 +37,7 @@ from .classifier import Classifier
 logger = logging.getLogger("concept_ext")
 
 __all__ = ["Sharded", "shard_classifier", "StateDictView", "full_model_state", "full_optimizer_state",
-           "load_optimizer_state", "grad_scaler", "restore"]
+           "load_optimizer_state", "restore"]
 
 
 class StateDictView:
@@ -143,14 +143,6 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
     full = {"state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
-
-
-def grad_scaler() -> torch.amp.GradScaler:
-    """fp16 loss scaling for sharded gradients: each rank sees only its shard of the gradients, so the
-    "found inf" flag is all-reduced (``ShardedGradScaler``) and every rank skips the same steps."""
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    return ShardedGradScaler("cuda")
 
 
 def restore(clf: Classifier, sharded: Sharded) -> None:

@@ -93,6 +93,20 @@ def tiny_classifier():
     return Classifier(bb, ["World", "Sports", "Business", "SciTech"], layer=1)
 
 
+def tied_classifier():
+    """A tiny GPT-2 whose LM head is tied to the token embedding (as SmolLM2's), without dropout."""
+    from transformers import AutoTokenizer, GPT2Config
+
+    from concept_ext.backbones import load_backbone
+    from concept_ext.classifier import Classifier
+
+    tok = AutoTokenizer.from_pretrained(str(PYTHIA_TOKENIZER))
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50304, n_positions=512, tie_word_embeddings=True,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    bb = load_backbone(cfg, tokenizer=tok, seed=0)
+    return Classifier(bb, ["World", "Sports", "Business", "SciTech"], layer=1)
+
+
 def sentences(n: int = 40):
     from concept_ext.data import load_dataset
 
@@ -140,9 +154,17 @@ def task_finetune(out: Path, *, parallel: str = "ddp") -> None:
         clf = tiny_classifier()
         res = finetune(clf, sentences(24), config=cfg, out_dir=out / f"{tag}_{name}")
         if os.environ.get("RANK") == "0":
-            torch.save({"state": {k: v.clone() for k, v in clf.model.state_dict().items()}, "losses": res.losses,
-                        "resumed_from": res.resumed_from, "shard_share": list(shard_share)},
+            state = {k: v.clone() for k, v in clf.model.state_dict().items()}
+            torch.save({"state": state, "losses": res.losses, "resumed_from": res.resumed_from,
+                        "shard_share": list(shard_share)},
                        out / f"{'finetune' if parallel == 'ddp' else parallel}_{name}.pt")
+    if parallel == "fsdp":  # tied weights: one parameter under two names, in the root unit
+        clf = tied_classifier()
+        res = finetune(clf, sentences(24), config=cfg, out_dir=out / "fsdp_tied")
+        if os.environ.get("RANK") == "0":
+            tied = clf.model.lm_head.weight is clf.model.transformer.wte.weight
+            state = {k: v.clone() for k, v in clf.model.state_dict().items()}
+            torch.save({"state": state, "losses": res.losses, "tied": tied}, out / "fsdp_tied.pt")
 
 
 def task_fail(out: Path) -> None:

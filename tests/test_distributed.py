@@ -235,7 +235,7 @@ def _interrupted_single_process_finetune(monkeypatch, out: Path, cfg) -> None:
 
 @needs_shared
 @pytest.mark.slow
-def test_fsdp_finetune_equals_single_process_resumes_and_writes_single_process_checkpoints(tmp_path, monkeypatch):
+def test_fsdp_finetune_equals_single_process_resumes_and_writes_its_checkpoints(tmp_path, monkeypatch):
     """``finetune.parallel="fsdp"`` on 2 ranks: the parameters are really sharded, the losses and weights
     are the single-process ones, a single-process checkpoint resumes, and the checkpoint rank 0 writes
     from the gathered shards is the single-process checkpoint (same files, keys, parameter ids, values)."""
@@ -253,7 +253,8 @@ def test_fsdp_finetune_equals_single_process_resumes_and_writes_single_process_c
         got = torch.load(tmp_path / f"fsdp_{name}.pt", weights_only=False)
         # Rank 0 held about half of every parameter while training (2 ranks; per-tensor padding aside).
         n_runs = 1 if name == "fresh" else 2
-        assert len(got["shard_share"]) == n_runs and all(0.4 < s < 0.6 for s in got["shard_share"]), got["shard_share"]
+        shares = got["shard_share"]
+        assert len(shares) == n_runs and all(0.4 < s < 0.6 for s in shares), shares
         assert got["resumed_from"] == (2 if name == "resume" else None)
         assert got["losses"] == pytest.approx(want.losses, rel=1e-4), name
         assert set(got["state"]) == set(want_state)
@@ -279,6 +280,17 @@ def test_fsdp_finetune_equals_single_process_resumes_and_writes_single_process_c
         assert set(oa["state"][i]) == set(st)
         for key, v in st.items():
             torch.testing.assert_close(oa["state"][i][key], v, rtol=1e-4, atol=1e-7, msg=f"{i}.{key}")
+    # Tied LM head / embedding (GPT-2, as SmolLM2): still one parameter, the single-process run's values,
+    # and the checkpoint stores it once, as safetensors' save_model does for the single-process model.
+    tied = torch.load(tmp_path / "fsdp_tied.pt", weights_only=False)
+    clf = W.tied_classifier()
+    want = ft.finetune(clf, W.sentences(24), config=cfg, out_dir=tmp_path / "ref_tied")
+    assert tied["tied"] and tied["losses"] == pytest.approx(want.losses, rel=1e-4)
+    for k, v in clf.model.state_dict().items():
+        torch.testing.assert_close(tied["state"][k], v, rtol=1e-4, atol=1e-5, msg=f"tied: {k}")
+    a = load_file(tmp_path / "fsdp_tied" / "ckpt-00000004" / "model.safetensors")
+    b = load_file(tmp_path / "ref_tied" / "ckpt-00000004" / "model.safetensors")
+    assert set(a) == set(b) and len(b) < len(clf.model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------
