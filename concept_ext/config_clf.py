@@ -98,6 +98,13 @@ class FineTuneConfig:
     max_eval_rows: int | None = None
     """Evaluate accuracy on at most this many rows per split (None = all)."""
 
+    parallel: str = "ddp"
+    """Under torchrun: ``ddp`` (DistributedDataParallel, a full model copy per rank) or ``fsdp`` (FSDP2
+    ``fully_shard`` per transformer block + root: parameters, gradients and AdamW state sharded over the
+    ranks, for models whose training state does not fit one GPU). Same effective batch, learning-rate
+    schedule and checkpoint format either way; ignored by a single process. Not part of the pipeline's
+    stage fingerprint (it does not change the result beyond float rounding)."""
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "FineTuneConfig":
         """``paper`` (= ``v2``, method.md 1.4), ``v1`` or ``quick`` (a short CPU run for tests/demos)."""
@@ -123,6 +130,8 @@ class FineTuneConfig:
             raise ValueError(f"FineTuneConfig.optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"FineTuneConfig.mixed_precision: unknown value {self.mixed_precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"FineTuneConfig.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
     def warmup(self) -> int:
         """Number of warmup steps (explicit value, else ``round(ratio * steps)``)."""

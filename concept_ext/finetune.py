@@ -10,6 +10,10 @@ of ``batch_size`` rows and keeps its contiguous slice (``distributed.shard_range
 is its share of the global mean (sum over its rows / batch_size), so the all-reduced gradient, the
 effective batch and the learning-rate schedule are those of the single-process recipe. Rank 0 writes the
 checkpoints and the final model; every rank resumes from the same ``latest.json``.
+
+With ``config.parallel == "fsdp"`` a copy of the model is fully sharded instead (FSDP2, one unit per block;
+see finetune_fsdp.py): the same batch split, loss shares and schedule, checkpoints gathered and written by
+rank 0 in the single-process format, and ``clf.model`` receives the full trained weights at the end.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, finetune_fsdp
 from .classifier import Classifier
 from .config_clf import FineTuneConfig
 from .data import TextDataset
@@ -153,48 +157,61 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
     device = clf.device
     torch.manual_seed(cfg.seed)
     model.requires_grad_(True)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # As the HF Trainer the paper used: no weight decay on biases and norm weights.
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
-    opt, opt_name = _optimizer(decay, no_decay, cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup(), cfg.steps))
     amp = cfg.mixed_precision
     if amp == "auto":
         amp = "fp16" if device.type == "cuda" else "no"
     if device.type != "cuda":
         amp = "no"  # mixed precision on GPU only
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    res = FineTuneResult(steps=0, optimizer_used=opt_name)
     out = Path(out_dir) if out_dir is not None else None
-    start = 0
+    start, st, ck = 0, None, None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         latest = out / "latest.json"
-        if resume and latest.is_file():
+        if resume and latest.is_file():  # weights first: FSDP shards a copy of the loaded model
             ck = out / json.loads(latest.read_text())["checkpoint"]
             load_model(model, str(ck / "model.safetensors"), device=str(device))
             st = torch.load(ck / "trainer_state.pt", weights_only=False)
+    fsdp = None
+    if distributed.enabled() and cfg.parallel == "fsdp":  # the optimizer must see the sharded parameters
+        fsdp = finetune_fsdp.shard_classifier(clf, functools.partial(_share_loss, amp_dtype=amp_dtype))
+    train_model = fsdp.model if fsdp is not None else model
+    named = [(n, p) for n, p in train_model.named_parameters() if p.requires_grad]
+    # As the HF Trainer the paper used: no weight decay on biases and norm weights.
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
+    opt, opt_name = _optimizer(decay, no_decay, cfg, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup(), cfg.steps))
+    # FSDP too: with sharded (DTensor) gradients, DTensor's handler of the unscale op all-reduces the
+    # "found inf" flag, so every rank skips the same steps (checked on 2 gloo ranks, one overflowing shard).
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    res = FineTuneResult(steps=0, optimizer_used=opt_name)
+    if st is not None:
+        if fsdp is not None:
+            finetune_fsdp.load_optimizer_state(fsdp.model, opt, st["optimizer"])
+        else:
             opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            if scaler is not None and st["scaler"] is not None:
-                scaler.load_state_dict(st["scaler"])
-            torch.set_rng_state(st["torch_rng"])
-            start, res.losses, res.resumed_from = st["step"], list(st["losses"]), st["step"]
-            logger.info("resumed fine-tuning from %s (step %d)", ck, start)
+        sched.load_state_dict(st["scheduler"])
+        if scaler is not None and st["scaler"] is not None:
+            scaler.load_state_dict(st["scaler"])
+        torch.set_rng_state(st["torch_rng"])
+        start, res.losses, res.resumed_from = st["step"], list(st["losses"]), st["step"]
+        logger.info("resumed fine-tuning from %s (step %d)", ck, start)
     enc = clf.encode(train.texts)
     order = batch_order([len(r) for r in enc.ids], cfg.batch_size, seed=cfg.seed, bucket_factor=cfg.bucket_factor)
     for _ in range(start):  # replay the deterministic data order up to the resumed step
         next(order)
     labels = torch.as_tensor(train.labels, dtype=torch.long)
     ddp = None
-    if distributed.enabled():  # DDP over a module whose forward is this rank's share of the batch loss
+    if fsdp is not None:
+        ddp = fsdp.root  # the root FSDP unit: forward = this rank's share of the batch loss
+    elif distributed.enabled():  # DDP over a module whose forward is this rank's share of the batch loss
         share_fn = functools.partial(_share_loss, clf=clf, amp_dtype=amp_dtype)
         ddp = distributed.wrap_ddp(distributed.LossModule(model, share_fn))
-    model.train()
+    batcher = fsdp.clf if fsdp is not None else clf  # batches land on the training device
+    train_model.train()
     try:
         for step in tqdm(range(start, cfg.steps), disable=not progress or not distributed.is_main(),
                          desc="finetune", initial=start, total=cfg.steps):
@@ -210,8 +227,10 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
                 # one row with weight 0 so that every rank takes part in the gradient all-reduce.
                 lo, hi = distributed.shard_range(len(idx))
                 mine, weight = (idx[lo:hi], 1.0 / len(idx)) if hi > lo else (idx[:1], 0.0)
-                share = ddp(clf.batch([enc.ids[i] for i in mine]), labels[mine].to(device), weight)
-                backward = share * distributed.world_size()  # DDP averages; the shares' gradients add up
+                b, y = batcher.batch([enc.ids[i] for i in mine]), labels[mine].to(batcher.device)
+                share = ddp(b, y, weight)
+                # DDP averages gradients (FSDP's reduce-scatter too); the shares' gradients add up
+                backward = share * distributed.world_size()
                 loss = share.detach().clone()
                 torch.distributed.all_reduce(loss)  # the global mean loss, the same on every rank
             if not torch.isfinite(loss):
@@ -222,7 +241,7 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
                 scaler.unscale_(opt)
             else:
                 backward.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.max_grad_norm)  # FSDP: global norm
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -232,18 +251,31 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
             res.losses.append(float(loss.detach()))
             done = step + 1
             if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                if distributed.is_main():  # the ranks hold the same state; one writes it
-                    _save_checkpoint(out, done, model, opt, sched, scaler, res.losses, cfg)
+                m_state, o_state = model, opt
+                if fsdp is not None:  # gather the shards (collectives on every rank), rank 0 writes
+                    m_state = finetune_fsdp.StateDictView(finetune_fsdp.full_model_state(fsdp.model))
+                    o_state = finetune_fsdp.StateDictView(finetune_fsdp.full_optimizer_state(fsdp.model, opt))
+                if distributed.is_main():  # the ranks hold the same state (or its shards); one writes it
+                    _save_checkpoint(out, done, m_state, o_state, sched, scaler, res.losses, cfg)
                 distributed.barrier()
     finally:
-        model.eval()
+        train_model.eval()
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
     res.steps = cfg.steps
+    o_state, s_state = opt, sched
+    if fsdp is not None:  # clf.model gets the full trained weights on every rank (an ordinary module again)
+        if out is not None:
+            o_state = finetune_fsdp.StateDictView(finetune_fsdp.full_optimizer_state(fsdp.model, opt))
+            s_state = finetune_fsdp.StateDictView(sched.state_dict())
+        finetune_fsdp.restore(clf, fsdp)
+        # Drop every reference to the shards before the full model goes back to the device.
+        fsdp = ddp = train_model = opt = sched = named = decay = no_decay = None
+        model.to(device)
     if out is not None:
         mdir = out / "model"
         if distributed.is_main():  # rank 0 only (distributed); the others wait below
-            _save_checkpoint(out, cfg.steps, model, opt, sched, scaler, res.losses, cfg)
+            _save_checkpoint(out, cfg.steps, model, o_state, s_state, scaler, res.losses, cfg)
             tmp = out / f".model.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)

@@ -180,8 +180,10 @@ class Pipeline:
                     "n_train_eval": len(train) if cap is None else min(cap, len(train)),
                     "class_names": list(train.class_names), "n_train": len(train), "n_test": len(test)}
 
+        # finetune.parallel (ddp / fsdp) changes how, not what, is trained: left out of the fingerprint.
+        ft = {k: v for k, v in dataclasses.asdict(self.cfg.finetune).items() if k != "parallel"}
         inputs = [self.cfg.backbone, self.cfg.config_overrides, self.cfg.dataset, self.cfg.class_names,
-                  self.cfg.train_rows, self.cfg.test_rows, self.cfg.finetune, self.cfg.cache.prompt, self.cfg.seeds[0]]
+                  self.cfg.train_rows, self.cfg.test_rows, ft, self.cfg.cache.prompt, self.cfg.seeds[0]]
         self.rec_finetune = self._stage("finetune", "finetune", inputs, fn)
         return self.rec_finetune
 

@@ -1,7 +1,8 @@
 """Worker of tests/test_distributed.py, started by ``torchrun --nproc_per_node=N tests/dist_worker.py TASK OUT``.
 
 Tasks: ``sae`` (a few DDP SAE steps per configuration of :data:`SAE_CASES`), ``cache`` (a sharded cache of
-real sentences), ``finetune`` (DDP fine-tuning, then a resumed run), ``fail`` (rank 1 raises while rank 0
+real sentences), ``finetune`` (DDP fine-tuning, then a resumed run), ``finetune_fsdp`` (the same with
+FSDP), ``fail`` (rank 1 raises while rank 0
 waits in a collective). Each writes what the test compares under OUT (rank 0), and the shared pieces
 (data, models, configs) are functions the test calls for its single-process reference.
 """
@@ -92,6 +93,20 @@ def tiny_classifier():
     return Classifier(bb, ["World", "Sports", "Business", "SciTech"], layer=1)
 
 
+def tied_classifier():
+    """A tiny GPT-2 whose LM head is tied to the token embedding (as SmolLM2's), without dropout."""
+    from transformers import AutoTokenizer, GPT2Config
+
+    from concept_ext.backbones import load_backbone
+    from concept_ext.classifier import Classifier
+
+    tok = AutoTokenizer.from_pretrained(str(PYTHIA_TOKENIZER))
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50304, n_positions=512, tie_word_embeddings=True,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    bb = load_backbone(cfg, tokenizer=tok, seed=0)
+    return Classifier(bb, ["World", "Sports", "Business", "SciTech"], layer=1)
+
+
 def sentences(n: int = 40):
     from concept_ext.data import load_dataset
 
@@ -113,16 +128,43 @@ def finetune_config(steps: int = 4, checkpoint_every: int = 0):
                           checkpoint_every=checkpoint_every, max_eval_rows=8, eval_batch_size=8)
 
 
-def task_finetune(out: Path) -> None:
-    """A fresh 2-rank fine-tuning in ft_fresh, and one resuming the checkpoint the test left in ft_resume."""
+def task_finetune(out: Path, *, parallel: str = "ddp") -> None:
+    """A fresh 2-rank fine-tuning in ft_fresh, and one resuming the checkpoint the test left in ft_resume
+    (``parallel="fsdp"``: the same with fully sharded fine-tuning, in fsdp_fresh / fsdp_resume)."""
+    import dataclasses
+
     from concept_ext.finetune import finetune
 
+    from concept_ext import finetune_fsdp
+
+    tag = "ft" if parallel == "ddp" else parallel
+    cfg = dataclasses.replace(finetune_config(checkpoint_every=2), parallel=parallel)
+    shard_share: list[float] = []  # FSDP: share of the parameters this rank holds while training
+    real_shard = finetune_fsdp.shard_classifier
+
+    def shard_and_measure(*args, **kwargs):
+        sharded = real_shard(*args, **kwargs)
+        params = list(sharded.model.parameters())
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        shard_share.append(local / sum(p.numel() for p in params))
+        return sharded
+
+    finetune_fsdp.shard_classifier = shard_and_measure
     for name in ("fresh", "resume"):
         clf = tiny_classifier()
-        res = finetune(clf, sentences(24), config=finetune_config(checkpoint_every=2), out_dir=out / f"ft_{name}")
+        res = finetune(clf, sentences(24), config=cfg, out_dir=out / f"{tag}_{name}")
         if os.environ.get("RANK") == "0":
-            torch.save({"state": {k: v.clone() for k, v in clf.model.state_dict().items()}, "losses": res.losses,
-                        "resumed_from": res.resumed_from}, out / f"finetune_{name}.pt")
+            state = {k: v.clone() for k, v in clf.model.state_dict().items()}
+            torch.save({"state": state, "losses": res.losses, "resumed_from": res.resumed_from,
+                        "shard_share": list(shard_share)},
+                       out / f"{'finetune' if parallel == 'ddp' else parallel}_{name}.pt")
+    if parallel == "fsdp":  # tied weights: one parameter under two names, in the root unit
+        clf = tied_classifier()
+        res = finetune(clf, sentences(24), config=cfg, out_dir=out / "fsdp_tied")
+        if os.environ.get("RANK") == "0":
+            tied = clf.model.lm_head.weight is clf.model.transformer.wte.weight
+            state = {k: v.clone() for k, v in clf.model.state_dict().items()}
+            torch.save({"state": state, "losses": res.losses, "tied": tied}, out / "fsdp_tied.pt")
 
 
 def task_fail(out: Path) -> None:
@@ -138,7 +180,8 @@ def main() -> int:
 
     task, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    fn = {"sae": task_sae, "cache": task_cache, "finetune": task_finetune, "fail": task_fail}[task]
+    fn = {"sae": task_sae, "cache": task_cache, "finetune": task_finetune, "fail": task_fail,
+          "finetune_fsdp": lambda o: task_finetune(o, parallel="fsdp")}[task]
 
     def body() -> int:
         fn(out)

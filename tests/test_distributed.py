@@ -5,6 +5,7 @@ compares what rank 0 wrote with a single-process computation in this process.
   L_ar, ghost grads, AuxK, v1 noise; firing counters), and the ranks hold bit-identical weights.
 * cache: a 2-rank cache == the 1-rank cache (same manifest rows and order, same values).
 * fine-tuning: 2-rank DDP == single process with the same effective batch; resume.
+* fine-tuning with FSDP (``parallel="fsdp"``): the same, and its checkpoints are single-process checkpoints.
 * failure: a rank that raises stops the job with a non-zero exit naming it, within a bounded time.
 """
 from __future__ import annotations
@@ -214,6 +215,82 @@ def test_ddp_finetune_equals_single_process_and_resumes(tmp_path, monkeypatch):
     ft_dir = tmp_path / "ft_fresh"
     assert sorted(p.name for p in ft_dir.glob("ckpt-*")) == ["ckpt-00000004"]
     assert (ft_dir / "model" / "config.json").is_file() and not list(ft_dir.glob(".*tmp*"))
+
+
+def _interrupted_single_process_finetune(monkeypatch, out: Path, cfg) -> None:
+    """A single-process fine-tuning stopped right after its first checkpoint (the 2-rank job resumes it)."""
+    import concept_ext.finetune as ft
+
+    real_save = ft._save_checkpoint
+
+    def save_then_stop(out, step, *a, **k):
+        real_save(out, step, *a, **k)
+        raise _Stop
+
+    monkeypatch.setattr(ft, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        ft.finetune(W.tiny_classifier(), W.sentences(24), config=cfg, out_dir=out)
+    monkeypatch.setattr(ft, "_save_checkpoint", real_save)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_fsdp_finetune_equals_single_process_resumes_and_writes_its_checkpoints(tmp_path, monkeypatch):
+    """``finetune.parallel="fsdp"`` on 2 ranks: the parameters are really sharded, the losses and weights
+    are the single-process ones, a single-process checkpoint resumes, and the checkpoint rank 0 writes
+    from the gathered shards is the single-process checkpoint (same files, keys, parameter ids, values)."""
+    from safetensors.torch import load_file
+
+    import concept_ext.finetune as ft
+
+    cfg = W.finetune_config(checkpoint_every=2)
+    _interrupted_single_process_finetune(monkeypatch, tmp_path / "fsdp_resume", cfg)
+    _ok(torchrun("finetune_fsdp", tmp_path))
+    clf = W.tiny_classifier()
+    want = ft.finetune(clf, W.sentences(24), config=cfg, out_dir=tmp_path / "ref")
+    want_state = clf.model.state_dict()
+    for name in ("fresh", "resume"):
+        got = torch.load(tmp_path / f"fsdp_{name}.pt", weights_only=False)
+        # Rank 0 held about half of every parameter while training (2 ranks; per-tensor padding aside).
+        n_runs = 1 if name == "fresh" else 2
+        shares = got["shard_share"]
+        assert len(shares) == n_runs and all(0.4 < s < 0.6 for s in shares), shares
+        assert got["resumed_from"] == (2 if name == "resume" else None)
+        assert got["losses"] == pytest.approx(want.losses, rel=1e-4), name
+        assert set(got["state"]) == set(want_state)
+        for k, v in want_state.items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    fsdp_dir, ref_dir = tmp_path / "fsdp_fresh", tmp_path / "ref"
+    assert sorted(p.name for p in fsdp_dir.glob("ckpt-*")) == ["ckpt-00000004"]
+    assert (fsdp_dir / "model" / "config.json").is_file() and not list(fsdp_dir.glob(".*tmp*"))
+    ck, ref = fsdp_dir / "ckpt-00000004", ref_dir / "ckpt-00000004"
+    assert sorted(p.name for p in ck.iterdir()) == sorted(p.name for p in ref.iterdir())
+    a, b = load_file(ck / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert set(a) == set(b)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    sa = torch.load(ck / "trainer_state.pt", weights_only=False)
+    sb = torch.load(ref / "trainer_state.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 4 and sa["scheduler"] == sb["scheduler"]
+    assert sa["losses"] == pytest.approx(sb["losses"], rel=1e-4)
+    oa, ob = sa["optimizer"], sb["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]  # same hyper-parameters and integer parameter ids
+    assert set(oa["state"]) == set(ob["state"]) == set(range(len(b)))
+    for i, st in ob["state"].items():
+        assert set(oa["state"][i]) == set(st)
+        for key, v in st.items():
+            torch.testing.assert_close(oa["state"][i][key], v, rtol=1e-4, atol=1e-7, msg=f"{i}.{key}")
+    # Tied LM head / embedding (GPT-2, as SmolLM2): still one parameter, the single-process run's values,
+    # and the checkpoint stores it once, as safetensors' save_model does for the single-process model.
+    tied = torch.load(tmp_path / "fsdp_tied.pt", weights_only=False)
+    clf = W.tied_classifier()
+    want = ft.finetune(clf, W.sentences(24), config=cfg, out_dir=tmp_path / "ref_tied")
+    assert tied["tied"] and tied["losses"] == pytest.approx(want.losses, rel=1e-4)
+    for k, v in clf.model.state_dict().items():
+        torch.testing.assert_close(tied["state"][k], v, rtol=1e-4, atol=1e-5, msg=f"tied: {k}")
+    a = load_file(tmp_path / "fsdp_tied" / "ckpt-00000004" / "model.safetensors")
+    b = load_file(tmp_path / "ref_tied" / "ckpt-00000004" / "model.safetensors")
+    assert set(a) == set(b) and len(b) < len(clf.model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------
