@@ -59,13 +59,13 @@ def machine_info() -> dict:
             "published": _dt.date.today().isoformat()}
 
 
-def publish(run_dir: Path, dest_root: Path) -> Path:
-    """Copy one finished run into ``dest_root/<slug>`` atomically; returns that folder."""
+def publish(run_dir: Path, dest_root: Path, suffix: str | None = None) -> Path:
+    """Copy one finished run into ``dest_root/<slug>[-<suffix>]`` atomically; returns that folder."""
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json: is the run finished (report stage)?")
     results = json.loads(metrics.read_text())
-    dest = dest_root / run_slug(results)
+    dest = dest_root / (run_slug(results) + (f"-{suffix}" if suffix else ""))
     dest_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=dest_root))
     try:
@@ -75,6 +75,9 @@ def publish(run_dir: Path, dest_root: Path) -> Path:
             shutil.copytree(run_dir / "figures", tmp / "figures")
         (tmp / "config.json").write_text(json.dumps(results["run"]["config"], indent=2) + "\n")
         (tmp / "machine.json").write_text(json.dumps(machine_info(), indent=2) + "\n")
+        for f in tmp.rglob("*"):  # the run's atomic writes may have left 0600 files: publish world-readable
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        tmp.chmod(0o755)
         if dest.exists():
             old = dest.with_name(dest.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -144,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="*", type=Path, help="finished run folders (with metrics.json)")
     ap.add_argument("--results", type=Path, default=ROOT / "results", help="where published runs live")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--suffix", default=None,
+                    help="publish as <backbone>-<dataset>-<suffix> (a variant of a published run)")
     ap.add_argument("--readme-only", action="store_true", help="only rebuild the README block")
     args = ap.parse_args(argv)
     if not args.readme_only:
         if not args.runs:
             ap.error("give run folders, or --readme-only")
         for r in args.runs:
-            print(f"published {r} -> {publish(r, args.results)}")
+            print(f"published {r} -> {publish(r, args.results, args.suffix)}")
     rebuild_readme(args.readme, args.results)
     print(f"rebuilt the Results block of {args.readme}")
     return 0
