@@ -42,8 +42,10 @@ def _env(timeout_s: float) -> dict:
 
 def torchrun(task: str, out: Path, *, nproc: int = 2, timeout_s: float = 60, wait_s: float = 240):
     """Run the worker under torchrun; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), task, str(out)]
+    # --standalone: the rendezvous store binds port 0 itself (no window between picking a free port and
+    # binding it, in which a parallel job could take it).
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(WORKER), task, str(out)]
     return subprocess.run(cmd, env=_env(timeout_s), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=wait_s)
 
@@ -316,8 +318,8 @@ def test_torchrun_cli_train_equals_single_process(tmp_path):
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))
     args = ["train", "--config", str(path), "--quiet"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "concept_ext", *args, "--out", str(tmp_path / "ddp")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "concept_ext", *args, "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=_env(60), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300)
     _ok(proc)
