@@ -91,11 +91,15 @@ def _pipeline(args) -> int:
     from . import distributed
 
     if distributed.enabled():
-        # torchrun: the SAE methods train data-parallel on every rank; then the other ranks leave and rank 0
-        # runs the remaining stages single-process (the finished fits are skipped by their records).
-        for method in [m for m in ("ClassifSAE", "SAE") if m in cfg.methods]:
-            for seed in cfg.seeds:
-                pipe.fit(method, seed)
+        # torchrun, fit_parallel="data": the SAE methods train data-parallel on every rank; "tasks": each rank
+        # fits (and evaluates) its own (method, seed) pairs. Then the other ranks leave and rank 0 runs the
+        # remaining stages single-process (the finished fits and evaluations are skipped by their records).
+        if cfg.fit_parallel == "tasks":
+            pipe.fit_tasks(evaluate=runstate_embed)
+        else:
+            for method in [m for m in ("ClassifSAE", "SAE") if m in cfg.methods]:
+                for seed in cfg.seeds:
+                    pipe.fit(method, seed)
         main = distributed.is_main()
         distributed.shutdown()
         if not main:

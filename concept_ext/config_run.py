@@ -107,6 +107,12 @@ class RunConfig:
     """ICA, ConceptSHAP, HI-Concept, probe selection and post-processing settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
+    fit_parallel: str = "data"
+    """How torchrun ranks share the fit and evaluate stages. ``data``: the SAE methods train data-parallel
+    (DDP over each step's batch) on every rank, then rank 0 alone fits the baselines and evaluates.
+    ``tasks``: every (method, seed) pair is one task, dealt round robin to the ranks; each rank fits and
+    evaluates its own tasks single-process on its own device, so N ranks run N configurations at once.
+    Single-process runs ignore it, and it is not part of any stage fingerprint."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -117,6 +123,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.protocols must be a non-empty subset of ['tail', 'context'], got {self.protocols}")
         if not self.seeds:
             raise ValueError("RunConfig.seeds must hold at least one seed")
+        if self.fit_parallel not in ("data", "tasks"):
+            raise ValueError(f"RunConfig.fit_parallel must be 'data' or 'tasks', got {self.fit_parallel!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"RunConfig.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
 

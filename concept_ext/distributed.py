@@ -14,16 +14,21 @@ every exchange is a ``torch.distributed`` collective. This module only holds the
   losses need to equal the single-process losses on the concatenated batch (see losses.py).
 * :class:`LossModule`: wraps a loss function of a module so that ``DistributedDataParallel`` sees the
   call that builds the graph.
+* Task parallelism (``fit_parallel="tasks"``): :func:`owned_tasks` deals whole (method, seed) fits out
+  round robin, :func:`local` runs one of them as a single-process job while the group stays up, and
+  :func:`task_group` gives the barrier that waits for the slowest rank's tasks (its own, longer timeout:
+  ``CONCEPT_EXT_DIST_TASK_TIMEOUT`` seconds, default 24 h).
 
 The run directory must be on a filesystem that every node sees (caches, checkpoints, stage records).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,10 +38,14 @@ logger = logging.getLogger("concept_ext")
 
 __all__ = ["DistContext", "init_from_env", "context", "enabled", "is_main", "rank", "world_size", "barrier",
            "broadcast_object", "shutdown", "shard_range", "owned_shards", "BatchGroup", "LossModule",
-           "default_timeout", "DEFAULT_TIMEOUT_S", "wrap_ddp", "run_ranked", "RankFailure"]
+           "default_timeout", "DEFAULT_TIMEOUT_S", "wrap_ddp", "run_ranked", "RankFailure", "owned_tasks", "local",
+           "task_group", "task_timeout", "DEFAULT_TASK_TIMEOUT_S"]
 
 #: Default collective timeout in seconds (``CONCEPT_EXT_DIST_TIMEOUT`` overrides it).
 DEFAULT_TIMEOUT_S = 1800.0
+#: Default timeout of the task barrier in seconds (``CONCEPT_EXT_DIST_TASK_TIMEOUT`` overrides it): a rank
+#: that finished its fits waits there for the slowest rank's, which can take hours at the paper's scale.
+DEFAULT_TASK_TIMEOUT_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -64,16 +73,26 @@ _SINGLE = DistContext(0, 1, 0, None, "cpu")
 _ctx: DistContext = _SINGLE
 
 
+def _seconds_from_env(name: str, default: float) -> datetime.timedelta:
+    raw = os.environ.get(name)
+    try:
+        secs = float(raw) if raw else default
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
+    if secs <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return datetime.timedelta(seconds=secs)
+
+
 def default_timeout() -> datetime.timedelta:
     """The collective timeout: ``CONCEPT_EXT_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`."""
-    raw = os.environ.get("CONCEPT_EXT_DIST_TIMEOUT")
-    try:
-        secs = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError as exc:
-        raise ValueError(f"CONCEPT_EXT_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from exc
-    if secs <= 0:
-        raise ValueError(f"CONCEPT_EXT_DIST_TIMEOUT must be positive, got {raw!r}")
-    return datetime.timedelta(seconds=secs)
+    return _seconds_from_env("CONCEPT_EXT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+
+
+def task_timeout() -> datetime.timedelta:
+    """The task barrier's timeout: ``CONCEPT_EXT_DIST_TASK_TIMEOUT`` seconds, else
+    :data:`DEFAULT_TASK_TIMEOUT_S`."""
+    return _seconds_from_env("CONCEPT_EXT_DIST_TASK_TIMEOUT", DEFAULT_TASK_TIMEOUT_S)
 
 
 def init_from_env(*, backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None,
@@ -104,11 +123,30 @@ def init_from_env(*, backend: Optional[str] = None, timeout: Optional[datetime.t
     return _ctx
 
 
+_local_depth = 0  # > 0 inside `local()`
+
+
 def context() -> DistContext:
-    """The current context (single-process when no group was initialised)."""
+    """The current context (single-process when no group was initialised, or inside :func:`local`)."""
     if _ctx.enabled and not dist.is_initialized():
         return _SINGLE
+    if _local_depth and _ctx.enabled:
+        return DistContext(0, 1, _ctx.local_rank, None, _ctx.device)
     return _ctx
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Run the body as a single-process job of its own while the process group stays up: inside it,
+    :func:`enabled` is False, :func:`is_main` True and collectives are no-ops, so a pipeline stage
+    writes its own folder and trains without DDP. Used for task-parallel fits, where each rank owns
+    whole (method, seed) stages. The device stays this rank's (``cuda:<local_rank>``)."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
 
 
 def enabled() -> bool:
@@ -129,13 +167,25 @@ def is_main() -> bool:
     return context().rank == 0
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op single-process). Bounded by the group's timeout."""
+def barrier(group: Any = None) -> None:
+    """Wait for every rank (no-op single-process). Bounded by the group's timeout; ``group`` (a gloo group
+    from :func:`task_group`) waits under that group's timeout instead of the default one."""
     if enabled():
-        if context().backend == "nccl":
+        if group is not None:
+            dist.barrier(group=group)
+        elif context().backend == "nccl":
             dist.barrier(device_ids=[context().local_rank])
         else:
             dist.barrier()
+
+
+def task_group(timeout: Optional[datetime.timedelta] = None) -> Any:
+    """A gloo group of every rank with the task timeout (:func:`task_timeout`), for :func:`barrier` calls
+    that wait on other ranks' whole fits; None single-process. Collective: every rank calls it at the same
+    point, before the tasks start (creating it while another rank is busy would itself wait)."""
+    if not enabled():
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout or task_timeout())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -173,6 +223,12 @@ def owned_shards(n_shards: int, *, rank: Optional[int] = None, world: Optional[i
     r = context().rank if rank is None else rank
     w = context().world_size if world is None else world
     return list(range(r, n_shards, w))
+
+
+def owned_tasks(n_tasks: int, *, rank: Optional[int] = None, world: Optional[int] = None) -> list[int]:
+    """Task ids of ``rank`` among ``n_tasks`` independent tasks: round robin (``i % world == rank``), fixed by
+    (n_tasks, world) alone, so every rank computes the same assignment without talking."""
+    return owned_shards(n_tasks, rank=rank, world=world)
 
 
 class BatchGroup:

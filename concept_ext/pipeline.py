@@ -18,7 +18,9 @@ also resume inside the stage.
 
 Under torchrun (``distributed.enabled()``) rank 0 decides whether a stage runs and prepares its folder,
 every rank runs it (fine-tuning and SAE training data-parallel, caching sharded), and rank 0 writes the
-record. Stages with rank-0-only outputs give the other ranks a private scratch folder (``fit``).
+record. Stages with rank-0-only outputs give the other ranks a private scratch folder (``fit``). With
+``fit_parallel="tasks"`` the fit and evaluate stages are instead dealt out whole, one (method, seed) pair
+at a time, to the ranks (:meth:`Pipeline.fit_tasks`).
 """
 from __future__ import annotations
 
@@ -281,6 +283,40 @@ class Pipeline:
 
         inputs = [self._token(fit_rec), self._token(self.rec_embed), self.cfg.eval, self.cfg.protocols]
         return self._stage(name, "evaluate", inputs, fn)
+
+    def tasks(self) -> list[tuple[str, int]]:
+        """Every (method, seed) pair of the run, method-major in the order of :data:`METHODS`."""
+        return [(m, s) for m in METHODS if m in self.cfg.methods for s in self.cfg.seeds]
+
+    def fit_tasks(self, *, evaluate: bool) -> list[tuple[str, int]]:
+        """Task-parallel fits under torchrun (``fit_parallel="tasks"``); call it on every rank.
+
+        Rank r owns tasks r, r+N, r+2N, ... of :meth:`tasks` and fits them (then, with ``evaluate``,
+        evaluates them) as single-process stages on its own device: the results are those of a
+        single-process run, task by task. With ``evaluate``, rank 0 first computes the sentence
+        embeddings, which every evaluation reads. Every rank then waits (under the task timeout,
+        :func:`distributed.task_timeout`) until all tasks are done, so rank 0 can write the report.
+        Returns this rank's tasks. Single-process, it runs every task in order."""
+        everything = self.tasks()
+        mine = [everything[i] for i in distributed.owned_tasks(len(everything))]
+        rank, world = distributed.rank(), distributed.world_size()
+        wait = distributed.task_group()  # collective: every rank is here, none has started a task
+        if evaluate:
+            if distributed.is_main():
+                with distributed.local():
+                    self.embed()
+            distributed.barrier(group=wait)
+            if not distributed.is_main():
+                with distributed.local():
+                    self.embed()  # rank 0's record is up to date: only sets self.rec_embed
+        with distributed.local():
+            for method, seed in mine:
+                logger.info("task %s-s%d on rank %d of %d", method, seed, rank, world)
+                fit_rec = self.fit(method, seed)
+                if evaluate:
+                    self.evaluate(method, seed, fit_rec)
+        distributed.barrier(group=wait)  # every task's stage record is written
+        return mine
 
     # ------------------------------------------------------------------------------------------------
     # Everything

@@ -337,6 +337,100 @@ def test_torchrun_cli_train_equals_single_process(tmp_path):
     assert not list((tmp_path / "ddp").glob(".tmp-rank*")), "scratch folders of the other ranks are removed"
 
 
+@needs_shared
+@pytest.mark.slow
+def test_torchrun_task_parallel_run_equals_single_process(tmp_path):
+    """``fit_parallel=tasks``: 2 ranks deal the (method, seed) pairs out round robin (each rank's log names
+    its tasks), and every fit, every evaluation and the report's numbers equal a single-process run's."""
+    import json
+
+    from concept_ext.checkpoint import load_checkpoint
+
+    cfg = {"backbone": f"config:{W.PYTHIA_14M}", "config_overrides": W.TINY_NEOX,
+           "dataset": str(W.SHARED / "data" / "ag_news"), "train_rows": 96, "test_rows": 32,
+           "methods": ["ICA", "ClassifSAE"], "seeds": [42, 43], "protocols": ["tail"],
+           "finetune": {"steps": 4, "batch_size": 8, "lr": 1e-3},
+           "cache": {"shard_size": 16}, "sae": {"expansion": 4, "k": 4, "n_concepts": 6},
+           "train_classifsae": {"total_samples": 3200, "batch_size": 32, "progress": False},
+           "fit_parallel": "tasks"}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    args = ["run", "--config", str(path), "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "concept_ext", *args, "--out", str(tmp_path / "one")],
+                          env=_env(120), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    _ok(proc)
+    # The same classifier and cache for both (DDP fine-tuning equals one process only to float rounding,
+    # which the tiny model's near-zero metrics would amplify): the torchrun job skips those two stages.
+    import shutil
+
+    for stage in ("finetune", "cache"):
+        shutil.copytree(tmp_path / "one" / stage, tmp_path / "tasks" / stage)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "concept_ext", *args, "--out", str(tmp_path / "tasks")]
+    proc = subprocess.run(cmd, env=_env(120), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
+    _ok(proc)
+    assert "stage cache: up to date, skipped" in proc.stdout
+    # method-major order ICA-s42, ICA-s43, ClassifSAE-s42, ClassifSAE-s43; round robin over 2 ranks
+    for task, r in (("ICA-s42", 0), ("ICA-s43", 1), ("ClassifSAE-s42", 0), ("ClassifSAE-s43", 1)):
+        assert f"concept_ext [rank {r}] task {task} on rank {r} of 2" in proc.stdout, proc.stdout[-4000:]
+    for seed in (42, 43):
+        fit = f"fit/ClassifSAE-s{seed}/sae"
+        a, b = load_checkpoint(tmp_path / "tasks" / fit).sae, load_checkpoint(tmp_path / "one" / fit).sae
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+    for m in ("ICA", "ClassifSAE"):
+        for seed in (42, 43):
+            name = f"evaluate/{m}-s{seed}/results.json"
+            ra = json.loads((tmp_path / "tasks" / name).read_text())["protocols"]
+            rb = json.loads((tmp_path / "one" / name).read_text())["protocols"]
+            _assert_same_numbers(ra, rb, f"{m}-s{seed}")
+    report = (tmp_path / "tasks" / "metrics.json").read_text()
+    assert json.loads(report)["methods"].keys() == {"ICA", "ClassifSAE"}
+    assert not list((tmp_path / "tasks").glob(".tmp-rank*"))
+
+
+def _assert_same_numbers(a, b, where: str) -> None:
+    """Every number of two JSON trees agrees (floats to 1e-4 relative), and so does every other leaf."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_numbers(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_numbers(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+def test_local_context_and_task_assignment(monkeypatch):
+    """Inside ``local()`` a rank of a live job is a single-process job (rank 0 of 1, collectives off, its own
+    device); outside it, the job's context is back. Tasks are dealt round robin."""
+    import torch.distributed as dist
+
+    from concept_ext import distributed as D
+
+    assert D.owned_tasks(5, rank=0, world=2) == [0, 2, 4] and D.owned_tasks(5, rank=1, world=2) == [1, 3]
+    assert D.owned_tasks(1, rank=1, world=3) == []
+    monkeypatch.setattr(D, "_ctx", D.DistContext(1, 2, 1, "gloo", "cuda:1"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert D.enabled() and not D.is_main() and D.rank() == 1
+    with D.local():
+        assert not D.enabled() and D.is_main() and D.world_size() == 1 and D.context().device == "cuda:1"
+        D.barrier()  # a no-op: no collective is issued inside local()
+        assert D.broadcast_object("x") == "x" and D.task_group() is None
+    assert D.enabled() and D.rank() == 1
+    monkeypatch.setenv("CONCEPT_EXT_DIST_TASK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="CONCEPT_EXT_DIST_TASK_TIMEOUT"):
+        D.task_timeout()
+    monkeypatch.setenv("CONCEPT_EXT_DIST_TASK_TIMEOUT", "7200")
+    assert D.task_timeout().total_seconds() == 7200
+
+
 def test_global_activation_rate_loss_differs_from_per_rank_losses():
     """Why L_ar needs the all-gather: on the test batches, the mean of per-half L_ar (top sets of 15 rows,
     m_tau = 3) differs from the global one (top sets of 30 rows, m_tau = 6), so the DDP equality test
