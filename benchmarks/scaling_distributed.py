@@ -5,8 +5,10 @@
 
 For each process count it launches ``torchrun --nproc_per_node=P`` on this file in worker mode and
 measures, between barriers, (a) ``build_cache`` of ag_news test sentences on a random-weight Pythia-14M
-(the real config; shards of 32 rows, batch 16) and (b) ClassifSAE training steps (global batch B, d,
-m = 8d, k = 10) after 3 warm-up steps. One process runs the plain single-process code (WORLD_SIZE=1).
+(the real config; shards of 32 rows, batch 16), (b) ClassifSAE training steps (global batch B, d,
+m = 8d, k = 10) after 3 warm-up steps, DDP over the batch, and (c) the same training as independent
+tasks (``fit_parallel="tasks"``): 4 ClassifSAEs of that size (seeds 0..3), dealt round robin, each rank
+training its own single-process. One process runs the plain single-process code (WORLD_SIZE=1).
 Prints one JSON line per measurement and writes them to ``benchmarks/results/scaling_distributed.json``.
 """
 from __future__ import annotations
@@ -72,6 +74,20 @@ def _worker(out: Path) -> None:
     distributed.barrier()
     res["sae_s"] = time.perf_counter() - t0
     res["sae_rows_per_s"] = SIZES["sae_steps"] * B / res["sae_s"]
+
+    n_tasks = res["tasks"] = 4
+    mine = distributed.owned_tasks(n_tasks)  # outside local(): this rank's share of the job
+    wait = distributed.task_group()
+    distributed.barrier(group=wait)
+    t0 = time.perf_counter()
+    with distributed.local():  # each task: one whole single-process training, no collective
+        for i in mine:
+            tr = Trainer(build_sae(SAEConfig(d=d, m=8 * d, k=10, n_concepts=20, n_classes=4, seed=i)), cfg, h, y)
+            for _ in range(SIZES["sae_steps"]):
+                tr.train_step()
+    distributed.barrier(group=wait)
+    res["tasks_s"] = time.perf_counter() - t0
+    res["task_rows_per_s"] = n_tasks * SIZES["sae_steps"] * B / res["tasks_s"]
     if distributed.is_main():
         (out / f"w{res['world']}.json").write_text(json.dumps(res))
     distributed.shutdown()
@@ -107,12 +123,14 @@ def main() -> int:
     for r in rows:
         r["cache_speedup"] = r["cache_rows_per_s"] / base["cache_rows_per_s"]
         r["sae_speedup"] = r["sae_rows_per_s"] / base["sae_rows_per_s"]
+        r["tasks_speedup"] = r["task_rows_per_s"] / base["task_rows_per_s"]
     out = ROOT / "benchmarks" / "results" / "scaling_distributed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"full": FULL, "cpu_count": os.cpu_count(), "rows": rows}, indent=1) + "\n")
     for r in rows:
         print(f"world {r['world']}: cache {r['cache_rows_per_s']:.1f} rows/s (x{r['cache_speedup']:.2f}), "
-              f"SAE {r['sae_rows_per_s']:.0f} rows/s (x{r['sae_speedup']:.2f})")
+              f"SAE (DDP) {r['sae_rows_per_s']:.0f} rows/s (x{r['sae_speedup']:.2f}), "
+              f"SAE tasks {r['task_rows_per_s']:.0f} rows/s (x{r['tasks_speedup']:.2f})")
     return 0
 
 
