@@ -150,6 +150,20 @@ def _package_dir(module: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def _drop_dequantized_gguf_marker(model: Any) -> None:
+    """A GGUF checkpoint that transformers de-quantized on load (plain fp32 ``nn.Linear`` weights, as for
+    SmolLM2) still carries its GGUF quantizer, and ``save_pretrained`` then refuses the model ("quantized
+    with gguf and is not serializable"), so a fine-tuned classifier could not be saved. The weights are
+    ordinary floating tensors: drop the marker. A model whose weights stayed in GGUF blocks keeps it."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if all(p.is_floating_point() for p in model.parameters()) and not any(
+            "gguf" in type(m).__name__.lower() for m in model.modules()):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
 def _auto_class(kind: str) -> Callable:
     import transformers
 
@@ -236,6 +250,8 @@ def load_backbone(source: Any, *, num_labels: int = 2, tokenizer: Any = None, dt
         if kind == "encoder":
             kw["num_labels"] = num_labels
         model = _auto_class(kind).from_pretrained(path, **kw)
+        if "gguf_file" in extra:
+            _drop_dequantized_gguf_marker(model)
         model_id = src
         tok_src = tokenizer if tokenizer is not None else path
     tok = AutoTokenizer.from_pretrained(tok_src, **extra) if isinstance(tok_src, (str, Path)) else tok_src
