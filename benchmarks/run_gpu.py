@@ -329,7 +329,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--tol", type=float, default=1e-3, help="max relative error counted as ok (fp32)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/<device>-<date>.json)")
+    ap.add_argument("--require-peers", action="store_true",
+                    help="exit with an error, before timing anything, if a peer cannot be imported")
     args = ap.parse_args(argv)
+    missing = {p: peers.missing_reason(p) for p in PEER_NAMES if peers.missing_reason(p)}
+    if args.require_peers and missing:
+        raise SystemExit("run_gpu: peers missing (install them from wheels first, tools/gpu_wheels.py): "
+                         + "; ".join(missing.values()))
     dev = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
