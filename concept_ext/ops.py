@@ -55,6 +55,11 @@ _SCHEMAS = {
         "ablate_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec, Tensor keep,"
         " Tensor? target_norm) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    # One output slot per code entry: static shapes, no host synchronisation (CUDA-graph capturable).
+    "ablate_decode_padded": (
+        "ablate_decode_padded(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec, Tensor keep,"
+        " Tensor? target_norm) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 
 #: Names of every op registered in the ``concept_ext`` namespace.
@@ -113,6 +118,17 @@ def _ablate_decode_fake(values, indices, W_dec, b_dec, keep, target_norm):
         W_dec.new_empty((p, d)),
         values.new_empty((p,), dtype=torch.int64),
         values.new_empty((p,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("concept_ext::ablate_decode_padded")
+def _ablate_decode_padded_fake(values, indices, W_dec, b_dec, keep, target_norm):
+    n, k, d = values.shape[0], values.shape[1], W_dec.shape[1]
+    return (
+        W_dec.new_empty((n, d)),
+        W_dec.new_empty((n * k, d)),
+        values.new_empty((n * k,), dtype=torch.int64),
+        values.new_empty((n * k,), dtype=torch.int64),
     )
 
 
@@ -191,8 +207,16 @@ def _ablate_setup(ctx, inputs, output):
 
 
 def _ablate_bwd(ctx, g_base, g_abl, _g_row, _g_con):
+    return _ablate_bwd_via(reference.ablate_decode, ctx, g_base, g_abl)
+
+
+def _ablate_padded_bwd(ctx, g_base, g_abl, _g_row, _g_con):
+    return _ablate_bwd_via(reference.ablate_decode_padded, ctx, g_base, g_abl)
+
+
+def _ablate_bwd_via(ref_fn, ctx, g_base, g_abl):
     # The ablation pass is an evaluation op; its gradient (rarely needed) is obtained by
-    # differentiating the reference, which is O(pairs * d) like the forward.
+    # differentiating the reference `ref_fn`, which is O(pairs * d) like the forward.
     values, indices, W_dec, b_dec, keep, target_norm = ctx.saved_tensors
     need = ctx.needs_input_grad
     with torch.enable_grad():
@@ -201,21 +225,28 @@ def _ablate_bwd(ctx, g_base, g_abl, _g_row, _g_con):
             for i, t in ((0, values), (2, W_dec), (3, b_dec), (5, target_norm))
         ]
         v, w, b, t = leaves
-        base, abl, _, _ = reference.ablate_decode(v, indices, w, b, keep, t)
+        base, abl, _, _ = ref_fn(v, indices, w, b, keep, t)
         outs, grads = [], []
         for o, g in ((base, g_base), (abl, g_abl)):
-            if g is not None:
+            # An output can be independent of every differentiable input (e.g. N = 0: base is b_dec
+            # broadcast to [0, d]); it contributes no gradient.
+            if g is not None and o.requires_grad:
                 outs.append(o)
                 grads.append(g)
         wrt = [x for x in leaves if x is not None and x.requires_grad]
-        got = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt and outs else []
+        got = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt and outs else [None] * len(wrt)
     it = iter(got)
     res = [next(it) if (x is not None and x.requires_grad) else None for x in leaves]
+    # allow_unused gives None for an input the outputs do not depend on; autograd wants its zero gradient.
+    res = [torch.zeros_like(x) if (r is None and x is not None and x.requires_grad) else r for r, x in zip(res, leaves)]
     return res[0], None, res[1], res[2], None, res[3]
 
 
 torch.library.register_autograd(
     "concept_ext::ablate_decode", _ablate_bwd, setup_context=_ablate_setup
+)
+torch.library.register_autograd(
+    "concept_ext::ablate_decode_padded", _ablate_padded_bwd, setup_context=_ablate_setup
 )
 
 
@@ -309,16 +340,17 @@ class TopKCode(NamedTuple):
 
 
 class AblationBatch(NamedTuple):
-    """Output of :func:`ablate_decode`."""
+    """Output of :func:`ablate_decode`. With ``padded=True``, ``P = N * k`` slots, and a slot that holds
+    no pair has ``pair_row = pair_concept = -1`` and a zero ``ablated`` row."""
 
     base: Tensor
     """``[N, d]`` reconstruction of every row from the kept latents only."""
     ablated: Tensor
     """``[P, d]`` reconstruction of each (row, concept) pair with that concept zeroed."""
     pair_row: Tensor
-    """``[P]`` int64 row of each pair."""
+    """``[P]`` int64 row of each pair (-1 for an empty padded slot)."""
     pair_concept: Tensor
-    """``[P]`` int64 position (in ``keep``) of the ablated concept of each pair."""
+    """``[P]`` int64 position (in ``keep``) of the ablated concept of each pair (-1 for an empty slot)."""
 
 
 def topk_encode(
@@ -445,6 +477,7 @@ def ablate_decode(
     keep: Tensor,  # [F]
     *,
     target_norm: Optional[Tensor] = None,  # [N]
+    padded: bool = False,
 ) -> AblationBatch:
     """Concept-ablation forward pass of the conditional causality sweep (method.md section 6.3).
 
@@ -453,6 +486,12 @@ def ablate_decode(
     reconstruction with that concept zeroed: a rank-1 correction per pair, O(pairs * d) work, no
     re-encode. With ``target_norm [N]`` every output is rescaled to its row's target norm
     (``r * t / (||r|| + 1e-9)``, the v2 evaluation rescale). See :class:`AblationBatch`.
+
+    The number of pairs P depends on the data, so on CUDA the default form reads it back to the host
+    once. ``padded=True`` instead returns one slot per code entry (``P = N * k``; slot ``i * k + j`` is
+    entry ``j`` of row ``i``, empty slots marked -1): shapes depend only on the input shapes, nothing
+    synchronises, and the call can be captured in a CUDA graph or compiled without dynamic shapes.
+    Keeping the slots with ``pair_row >= 0``, ordered by (row, concept), gives the default output.
     """
     _check_code(values, indices)
     _float(W_dec, "W_dec", 2)
@@ -481,5 +520,5 @@ def ablate_decode(
         _index_range(keep, m, "keep", "ablate_decode")
         if keep.numel() != torch.unique(keep).numel():
             raise ValueError("keep must hold distinct latent ids")
-    out = torch.ops.concept_ext.ablate_decode(values, indices, W_dec, b_dec, keep, target_norm)
-    return AblationBatch(*out)
+    op = torch.ops.concept_ext.ablate_decode_padded if padded else torch.ops.concept_ext.ablate_decode
+    return AblationBatch(*op(values, indices, W_dec, b_dec, keep, target_norm))

@@ -18,7 +18,8 @@ Semantics (method.md sections 2.1, 2.3 and 3.1):
   Entries whose value is <= 0 are inactive (never in the top set). The gradient w.r.t. ``values`` is
   ``1/N`` for every entry outside its latent's top set and 0 inside it; among equal values the entry
   that comes first in row-major order of ``[N, k]`` wins the top place.
-* ``ablate_decode``: see :func:`ablate_decode`.
+* ``ablate_decode``: see :func:`ablate_decode`; ``ablate_decode_padded`` is the same pass with one
+  output slot per code entry (static shapes, no host synchronisation), see :func:`ablate_decode_padded`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "topk_encode",
@@ -37,6 +39,7 @@ __all__ = [
     "activation_rate_loss_backward",
     "activation_rate_top_mask",
     "ablate_decode",
+    "ablate_decode_padded",
     "RESCALE_EPS",
 ]
 
@@ -51,8 +54,11 @@ _ENCODE_BLOCK = 1024
 def _check_indices(indices: Tensor, m: int, name: str = "indices") -> None:
     """Raise ``IndexError`` for ids outside ``[0, m)``: some fast paths (``embedding_bag`` on CPU,
     ``bincount``) would otherwise read out of bounds or silently grow. Skipped during CUDA-graph
-    capture, where reading a device value is not allowed."""
+    capture, where reading a device value is not allowed, and while tracing (``torch.compile``, AOT
+    autograd), where the values are symbolic."""
     if indices.numel() == 0 or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if torch.compiler.is_compiling() or is_fake(indices):
         return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= m:
@@ -243,6 +249,14 @@ def activation_rate_loss_backward(
     return torch.where(top, torch.zeros_like(g), g).to(values.dtype)
 
 
+def _kept_reconstruction(idx: Tensor, v_kept: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``[N, d]`` = sum_j v_kept[i, j] * w[idx[i, j]] + b (``embedding_bag`` rejects ``k = 0``)."""
+    n, k = idx.shape
+    if n == 0 or k == 0:
+        return w.new_zeros((n, w.shape[1])) + b
+    return torch.nn.functional.embedding_bag(idx, w, per_sample_weights=v_kept, mode="sum") + b
+
+
 def ablate_decode(
     values: Tensor,  # [N, k]
     indices: Tensor,  # [N, k]
@@ -279,11 +293,7 @@ def ablate_decode(
     v = values.to(acc)
     v_kept = torch.where(kept, v, torch.zeros_like(v))
     w = W_dec.to(acc)
-    base = (
-        torch.nn.functional.embedding_bag(idx, w, per_sample_weights=v_kept, mode="sum") + b_dec.to(acc)
-        if n > 0
-        else w.new_zeros((0, d))
-    )
+    base = _kept_reconstruction(idx, v_kept, w, b_dec.to(acc))
     # Per (row, concept position): summed value, and whether the concept is active there.
     n_f = keep.numel()
     coef = torch.zeros((n, n_f + 1), dtype=acc, device=W_dec.device)  # column n_f collects non-kept
@@ -300,4 +310,62 @@ def ablate_decode(
         t = target_norm.to(acc)
         base = base * (t / (base.norm(dim=1) + RESCALE_EPS))[:, None]
         ablated = ablated * (t[pair_row] / (ablated.norm(dim=1) + RESCALE_EPS))[:, None]
+    return base.to(W_dec.dtype), ablated.to(W_dec.dtype), pair_row, pair_concept
+
+
+def ablate_decode_padded(
+    values: Tensor,  # [N, k]
+    indices: Tensor,  # [N, k]
+    W_dec: Tensor,  # [m, d]
+    b_dec: Tensor,  # [d]
+    keep: Tensor,  # [F] int64 latent ids (distinct)
+    target_norm: Optional[Tensor] = None,  # [N] or None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`ablate_decode` with one output slot per code entry: shapes depend only on ``N``, ``k`` and
+    ``d``, so the op needs no host synchronisation and can be captured in a CUDA graph.
+
+    Slot ``s = i * k + j`` belongs to entry ``j`` of row ``i``. It holds a pair when that entry is the
+    pair's representative: its latent is in ``keep``, its value is > 0, and no earlier entry of the row
+    has the same latent with a value > 0. Then ``ablated[s]``, ``pair_row[s]`` and ``pair_concept[s]``
+    are exactly :func:`ablate_decode`'s row for that (row, concept) pair (the coefficient sums every
+    entry of the row with that latent). Every other slot has ``pair_row = pair_concept = -1`` and a zero
+    ``ablated`` row. Keeping the valid slots and ordering them by (row, position in keep) gives
+    :func:`ablate_decode`'s output.
+
+    Returns:
+        ``base [N, d]``, ``ablated [N * k, d]``, ``pair_row [N * k]``, ``pair_concept [N * k]`` (int64).
+    """
+    n, k = values.shape
+    m, d = W_dec.shape
+    acc = _acc_dtype(W_dec.dtype)
+    _check_indices(indices, m)
+    _check_indices(keep, m, "keep")
+    dev = W_dec.device
+    keep = keep.long()
+    pos_in_keep = torch.full((m,), -1, dtype=torch.int64, device=dev)
+    pos_in_keep[keep] = torch.arange(keep.numel(), device=dev)
+    idx = indices.long()
+    entry_pos = pos_in_keep[idx] if n > 0 else idx  # [N, k], -1 when not kept
+    kept = entry_pos >= 0
+    v = values.to(acc)
+    w = W_dec.to(acc)
+    v_kept = torch.where(kept, v, torch.zeros_like(v))
+    base = _kept_reconstruction(idx, v_kept, w, b_dec.to(acc))
+    positive = v > 0
+    same = idx[:, :, None] == idx[:, None, :]  # [N, k(j), k(q)]: entries j and q share a latent
+    earlier = torch.ones((k, k), dtype=torch.bool, device=dev).tril(-1)  # [j, q]: q < j
+    shadowed = (same & positive[:, None, :] & earlier).any(dim=2)  # an earlier active duplicate
+    valid = kept & positive & ~shadowed  # [N, k]
+    coef = (same.to(acc) * v[:, None, :]).sum(dim=2)  # [N, k]: every entry of that latent in the row
+    ablated = base[:, None, :] - coef[..., None] * w[idx]  # [N, k, d]
+    ablated = torch.where(valid[..., None], ablated, torch.zeros_like(ablated)).reshape(n * k, d)
+    rows = torch.arange(n, device=dev)[:, None].expand(n, k)
+    none = torch.full_like(entry_pos, -1)
+    pair_row = torch.where(valid, rows, none).reshape(n * k)
+    pair_concept = torch.where(valid, entry_pos, none).reshape(n * k)
+    if target_norm is not None:
+        t = target_norm.to(acc)
+        base = base * (t / (base.norm(dim=1) + RESCALE_EPS))[:, None]
+        # Invalid slots are zero rows: 0 * t / (0 + eps) keeps them zero.
+        ablated = ablated * (t.repeat_interleave(k) / (ablated.norm(dim=1) + RESCALE_EPS))[:, None]
     return base.to(W_dec.dtype), ablated.to(W_dec.dtype), pair_row, pair_concept

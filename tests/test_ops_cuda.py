@@ -16,7 +16,7 @@ import concept_ext
 from concept_ext import reference as ref
 
 OPS = ["topk_encode", "topk_encode_backward", "sparse_decode", "sparse_decode_backward",
-       "activation_rate_loss", "activation_rate_loss_backward", "ablate_decode"]
+       "activation_rate_loss", "activation_rate_loss_backward", "ablate_decode", "ablate_decode_padded"]
 
 
 def _has_cuda_kernels() -> bool:
@@ -228,6 +228,15 @@ def test_ablate_decode(n, k, m, d, f, with_norm, dtype):
     assert got[2].dtype == got[3].dtype == torch.int64
     _close(got[0], want[0], dtype, scale=float(k) ** 0.5)
     _close(got[1], want[1], dtype, scale=float(k) ** 0.5)
+    # The padded form: the exact slot layout of the padded reference, zero rows in empty slots.
+    _poison()
+    pad = OPS_NS.ablate_decode_padded(values, indices.to(torch.int32), W, b, keep.to(torch.int32), tn)
+    pwant = ref.ablate_decode_padded(values, indices, W, b, keep, tn)
+    assert pad[1].shape == (n * k, d)
+    assert torch.equal(pad[2], pwant[2]) and torch.equal(pad[3], pwant[3]), "padded slot layouts differ"
+    assert bool((pad[1][pad[2] < 0] == 0).all()), "an empty padded slot is not a zero row"
+    _close(pad[0], pwant[0], dtype, scale=float(k) ** 0.5)
+    _close(pad[1], pwant[1], dtype, scale=float(k) ** 0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,3 +307,32 @@ def test_cuda_graph_capture():
     assert torch.equal(static_out[1], eager[1])
     for a, e in zip(static_out, eager):
         _close(a, e, torch.float32, scale=10.0)
+
+
+def test_cuda_graph_capture_ablate_decode_padded():
+    """The padded ablation pass has no host synchronisation: it captures, and a replay on new codes equals
+    an eager call (the compact form, which reads P back to the host, cannot be captured)."""
+    g = _gen(17)
+    n, k, m, d = 80, 12, 400, 64
+    values, indices = _code(n, k, m, torch.float32, g)
+    W, b = _randn(m, d, dtype=torch.float32, g=g), _randn(d, dtype=torch.float32, g=g)
+    keep = torch.randperm(m, generator=torch.Generator().manual_seed(3))[:50].to(DEV)
+    tn = torch.rand(n, generator=g, device=DEV) + 0.5
+    sv, si = values.clone(), indices.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        OPS_NS.ablate_decode_padded(sv, si, W, b, keep, tn)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = OPS_NS.ablate_decode_padded(sv, si, W, b, keep, tn)
+    v2, i2 = _code(n, k, m, torch.float32, g)
+    sv.copy_(v2)
+    si.copy_(i2)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = ref.ablate_decode_padded(v2, i2, W, b, keep, tn)
+    assert torch.equal(static_out[2], eager[2]) and torch.equal(static_out[3], eager[3])
+    _close(static_out[0], eager[0], torch.float32, scale=4.0)
+    _close(static_out[1], eager[1], torch.float32, scale=4.0)

@@ -24,7 +24,7 @@ import concept_ext  # noqa: E402
 from concept_ext import reference as ref  # noqa: E402
 
 OPS = ["topk_encode", "topk_encode_backward", "sparse_decode", "sparse_decode_backward", "activation_rate_loss",
-       "activation_rate_loss_backward", "ablate_decode"]
+       "activation_rate_loss_backward", "ablate_decode", "ablate_decode_padded"]
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
@@ -87,6 +87,15 @@ def run(n: int, d: int, m: int, k: int, dtype: torch.dtype, seed: int, dev: str 
     ok &= same_pairs
     if same_pairs and got[1].numel():
         ok &= _close("ablate_decode ablated", got[1], want[1], tol)
+    pad = concept_ext.ablate_decode(vals.detach().abs(), idx, W_dec.detach(), b_dec.detach(), keep, target_norm=norm,
+                                    padded=True)
+    pwant = ref.ablate_decode_padded(vals.detach().abs(), idx, W_dec.detach(), b_dec.detach(), keep, norm)
+    same_slots = torch.equal(pad[2].cpu(), pwant[2].cpu()) and torch.equal(pad[3].cpu(), pwant[3].cpu())
+    print(f"  {'ok ' if same_slots else 'BAD'} ablate_decode_padded slots ({pad[2].numel()})")
+    ok &= same_slots
+    ok &= _close("ablate_decode_padded base", pad[0], pwant[0], tol)
+    if same_slots and pad[1].numel():
+        ok &= _close("ablate_decode_padded ablated", pad[1], pwant[1], tol)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()  # a kernel fault surfaces here, inside this case
     return bool(ok)

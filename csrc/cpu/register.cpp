@@ -11,4 +11,5 @@ STABLE_TORCH_LIBRARY_IMPL(concept_ext, CPU, m) {
   m.impl("activation_rate_loss", TORCH_BOX(&concept_ext::activation_rate_loss_cpu));
   m.impl("activation_rate_loss_backward", TORCH_BOX(&concept_ext::activation_rate_loss_backward_cpu));
   m.impl("ablate_decode", TORCH_BOX(&concept_ext::ablate_decode_cpu));
+  m.impl("ablate_decode_padded", TORCH_BOX(&concept_ext::ablate_decode_padded_cpu));
 }

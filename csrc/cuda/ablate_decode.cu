@@ -14,6 +14,10 @@
 //    of the row with that latent.
 // 5. One block per output row (base rows, then pairs): the rank-1 correction, the optional rescale to
 //    target_norm (block-reduced norm) and the cast.
+//
+// ablate_decode_padded skips steps 2-4 and the synchronisation: every code entry owns output slot
+// row * k + j, filled by its own thread when the entry is its pair's representative and marked -1
+// (zero row) otherwise. Its output sizes depend only on N, k and d, so it captures in a CUDA graph.
 #include "common.cuh"
 #include "concept_ext/kernels.h"
 
@@ -94,7 +98,34 @@ __global__ void fill_kernel(const T* __restrict__ values, const I* __restrict__ 
   }
 }
 
-// Output row r: rows [0, N) are base rows, rows [N, N + P) are the pairs' ablated rows.
+// Padded form: slot row * k + j of every entry j, one block per row.
+template <typename T, typename I>
+__global__ void padded_fill_kernel(const T* __restrict__ values, const I* __restrict__ indices,
+                                   const int32_t* __restrict__ pos, int64_t* __restrict__ pair_row,
+                                   int64_t* __restrict__ pair_concept, acc_t<T>* __restrict__ coef, int64_t k) {
+  using A = acc_t<T>;
+  const int64_t row = blockIdx.x;
+  const T* v = values + row * k;
+  const I* idx = indices + row * k;
+  for (int64_t j = threadIdx.x; j < k; j += kBlock) {
+    const int64_t slot = row * k + j;
+    if (!is_rep(v, idx, pos, j)) {
+      pair_row[slot] = -1;
+      pair_concept[slot] = -1;
+      coef[slot] = A(0);
+      continue;
+    }
+    A s = 0;
+    for (int64_t q = 0; q < k; ++q)
+      if (idx[q] == idx[j]) s += static_cast<A>(v[q]);
+    pair_row[slot] = row;
+    pair_concept[slot] = pos[idx[j]];
+    coef[slot] = s;
+  }
+}
+
+// Output row r: rows [0, N) are base rows, rows [N, N + P) are the pairs' ablated rows. A pair row
+// whose pair_row is -1 (an empty padded slot) is written as zeros.
 template <typename T>
 __global__ void finish_kernel(const acc_t<T>* __restrict__ base, const T* __restrict__ W,
                               const int64_t* __restrict__ keep, const int64_t* __restrict__ pair_row,
@@ -106,6 +137,10 @@ __global__ void finish_kernel(const acc_t<T>* __restrict__ base, const T* __rest
   const int64_t r = blockIdx.x;
   const bool is_pair = r >= n;
   const int64_t row = is_pair ? pair_row[r - n] : r;
+  if (row < 0) {  // block-uniform: the whole block returns before any block_sum
+    for (int64_t c = threadIdx.x; c < d; c += kBlock) ablated[(r - n) * d + c] = static_cast<T>(A(0));
+    return;
+  }
   const A cf = is_pair ? coef[r - n] : A(0);
   const T* w = is_pair ? W + keep[pair_concept[r - n]] * d : W;
   const A* src = base + row * d;
@@ -126,11 +161,9 @@ __global__ void finish_kernel(const acc_t<T>* __restrict__ base, const T* __rest
   }
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cuda(Tensor values, Tensor indices, Tensor W_dec,
+std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Tensor indices, Tensor W_dec,
                                                               Tensor b_dec, Tensor keep,
-                                                              std::optional<Tensor> target_norm) {
+                                                              std::optional<Tensor> target_norm, bool padded) {
   check_dim(values, 2, "values");
   check_dim(indices, 2, "indices");
   check_dim(W_dec, 2, "W_dec");
@@ -174,8 +207,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cuda(Tensor values, Ten
     CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (keep)");
   }
   Tensor base = torch::stable::new_empty(w, {n, d}, std::optional<ScalarType>(acc));
-  Tensor counts = torch::stable::new_empty(v, {n}, std::optional<ScalarType>(ScalarType::Int));
-  Tensor offsets = torch::stable::new_empty(v, {n + 1}, i64);
   CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode", [&] {
     CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
       if (d > 0) {
@@ -184,6 +215,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cuda(Tensor values, Ten
             ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<scalar_t>(w), ptr<scalar_t>(b),
             ptr<acc_t<scalar_t>>(base), k, d);
       }
+    });
+  });
+  CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (base)");
+  if (padded) {
+    // Static sizes: one slot per entry, no count, no scan, no host synchronisation.
+    const int64_t p = n * k;
+    Tensor ablated = torch::stable::new_empty(w, {p, d});
+    Tensor pair_row = torch::stable::new_empty(v, {p}, i64);
+    Tensor pair_concept = torch::stable::new_empty(v, {p}, i64);
+    Tensor coef = torch::stable::new_empty(w, {p}, std::optional<ScalarType>(acc));
+    CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode_padded", [&] {
+      using A = acc_t<scalar_t>;
+      if (p > 0) {
+        CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode_padded", [&] {
+          padded_fill_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
+              ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int64_t>(pair_row),
+              ptr<int64_t>(pair_concept), ptr<A>(coef), k);
+        });
+      }
+      if (d > 0) {
+        finish_kernel<scalar_t><<<static_cast<unsigned>(n + p), kBlock, 0, stream>>>(
+            ptr<A>(base), ptr<scalar_t>(w), ptr<int64_t>(kp), ptr<int64_t>(pair_row), ptr<int64_t>(pair_concept),
+            ptr<A>(coef), target_norm.has_value() ? ptr<scalar_t>(tn) : nullptr, n, d, ptr<scalar_t>(base_out),
+            ptr<scalar_t>(ablated));
+      }
+    });
+    CONCEPT_EXT_CHECK_LAUNCH("ablate_decode_padded (fill)");
+    return {base_out, ablated, pair_row, pair_concept};
+  }
+  Tensor counts = torch::stable::new_empty(v, {n}, std::optional<ScalarType>(ScalarType::Int));
+  Tensor offsets = torch::stable::new_empty(v, {n + 1}, i64);
+  CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode", [&] {
+    CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
       count_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
           ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int32_t>(counts), k);
     });
@@ -217,6 +281,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cuda(Tensor values, Ten
   });
   CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (fill)");
   return {base_out, ablated, pair_row, pair_concept};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_cuda(Tensor values, Tensor indices, Tensor W_dec,
+                                                              Tensor b_dec, Tensor keep,
+                                                              std::optional<Tensor> target_norm) {
+  return ablate_decode_impl(values, indices, W_dec, b_dec, keep, target_norm, /*padded=*/false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_padded_cuda(Tensor values, Tensor indices,
+                                                                     Tensor W_dec, Tensor b_dec, Tensor keep,
+                                                                     std::optional<Tensor> target_norm) {
+  return ablate_decode_impl(values, indices, W_dec, b_dec, keep, target_norm, /*padded=*/true);
 }
 
 }  // namespace concept_ext

@@ -11,4 +11,5 @@ STABLE_TORCH_LIBRARY_IMPL(concept_ext, CUDA, m) {
   m.impl("activation_rate_loss", TORCH_BOX(&concept_ext::activation_rate_loss_cuda));
   m.impl("activation_rate_loss_backward", TORCH_BOX(&concept_ext::activation_rate_loss_backward_cuda));
   m.impl("ablate_decode", TORCH_BOX(&concept_ext::ablate_decode_cuda));
+  m.impl("ablate_decode_padded", TORCH_BOX(&concept_ext::ablate_decode_padded_cuda));
 }

@@ -31,6 +31,10 @@ using torch::stable::Tensor;
   /* -> base [N,d], ablated [P,d], pair_row [P] int64, pair_concept [P] int64 (position in keep) */    \
   std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_##SUFFIX(                                   \
       Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec, Tensor keep,                          \
+      std::optional<Tensor> target_norm);                                                              \
+  /* -> base [N,d], ablated [N*k,d], pair_row [N*k], pair_concept [N*k]: one slot per code entry */    \
+  std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_padded_##SUFFIX(                            \
+      Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec, Tensor keep,                          \
       std::optional<Tensor> target_norm);
 
 CONCEPT_EXT_DECLARE_KERNELS(cpu)
