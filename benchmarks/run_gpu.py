@@ -37,6 +37,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+import classifsae_step  # noqa: E402
 import concept_ext  # noqa: E402
 import peers  # noqa: E402
 from concept_ext import reference  # noqa: E402
@@ -245,6 +246,12 @@ def train_impls(w, x, k, compiled):
     return impls, lambda out: rel_err(out, ref_grad)
 
 
+def step_impls(x, k, m):
+    """The whole ClassifSAE step (classifsae_step.py): ours eager, ours in a CUDA graph, dense eager."""
+    labels = torch.randint(0, classifsae_step.N_CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(2))
+    return classifsae_step.make_impls(x.shape[1], m, k, x, labels.to(x.device))
+
+
 def ablate_impls(w, vals, idx, n_keep=20):
     keep = torch.arange(n_keep, device=vals.device)
     v = vals.clone()
@@ -282,6 +289,7 @@ def run_size(n, d, m, k, dev, args) -> list[dict]:
         "activation_rate_fwd_bwd": lambda: ar_impls(vals, idx, m, args.compile),
         "train_step": lambda: train_impls(w, x, k, args.compile),
         "ablate_decode": lambda: ablate_impls(w, vals, idx),
+        "classifsae_step": lambda: step_impls(x, k, m),
     }
     rows = []
     for op in args.ops:
@@ -294,6 +302,11 @@ def run_size(n, d, m, k, dev, args) -> list[dict]:
             try:
                 err = check(fn())  # correctness on this implementation's own output, before timing
                 row.update(timeit(fn, dev, args.reps, args.warmup), rel_err=err, ok=bool(err <= args.tol))
+                if op == "classifsae_step":  # launch accounting of the whole step (issue 8 item 4)
+                    row.update(classifsae_step.launches_per_step(fn, dev))
+                    if "launches_per_step" in row and row["launches_per_step"]:
+                        row["step_over_launch_floor"] = row["median_ms"] * 1e3 / (
+                            row["launches_per_step"] * args.launch_us)
             except Exception as exc:  # a peer failing at a size is recorded, not fatal
                 row.update(error=f"{type(exc).__name__}: {exc}"[:300])
             op_rows.append(row)
@@ -330,13 +343,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def launch_table(rows: list[dict]) -> str:
+    """Launches (CUDA) or dispatched ops (CPU) per ClassifSAE step, and the step time in launch floors."""
+    out = ["classifsae_step | n d m k | impl | median ms | launches/step | syncs/step | ops/step | x launch floor"]
+    for r in rows:
+        if r["op"] != "classifsae_step" or "median_ms" not in r:
+            continue
+        f = lambda key, fmt="{:.0f}": "-" if r.get(key) is None else fmt.format(r[key])  # noqa: E731
+        out.append(f"classifsae_step | {r['n']} {r['d']} {r['m']} {r['k']} | {r['impl']} | {r['median_ms']:.2f} | "
+                   f"{f('launches_per_step')} | {f('syncs_per_step')} | {f('ops_per_step')} | "
+                   f"{f('step_over_launch_floor', '{:.1f}')}")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU sizes, 1 rep (CI smoke test)")
     ap.add_argument("--sizes", nargs="+", default=None, choices=sorted(SIZES), help="size sets")
     ap.add_argument("--size", action="append", default=[], help="extra size n,d,m,k")
     ap.add_argument("--ops", nargs="+", default=["encode", "decode_fwd_bwd", "activation_rate_fwd_bwd",
-                                                "train_step", "ablate_decode"])
+                                                "train_step", "ablate_decode", "classifsae_step"])
     ap.add_argument("--impls", nargs="+", default=None, help="only these implementations")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     ap.add_argument("--reps", type=int, default=None)
@@ -368,6 +394,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "skipped_peers": {p: peers.missing_reason(p) for p in PEER_NAMES if peers.missing_reason(p)},
         "ceilings": ceilings(dev, args.cpu_smoke), "results": [],
     }
+    # One tiny launch (CUDA) or dispatch (CPU): the floor that a step's launch count multiplies.
+    args.launch_us = record["ceilings"]["launch_us"] = classifsae_step.launch_overhead_us(dev)
     for n, d, m, k in sizes:
         record["results"] += run_size(n, d, m, k, dev, args)
     out = args.out or HERE / "results" / f"{record['device']}-{record['date'][:10]}.json"
@@ -377,6 +405,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     os.replace(tmp, out)
     print(json.dumps({"device": record["device"], "ceilings": record["ceilings"],
                       "skipped_peers": record["skipped_peers"]}, indent=1))
+    print(launch_table(record["results"]))
     print(table(record["results"]))  # the short table, last
     print(f"wrote {out}")
     return record
