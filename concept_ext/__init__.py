@@ -22,7 +22,8 @@ import logging
 from typing import Any
 
 from . import ops  # schemas, reference kernels, fakes and autograd: the ops work without _C
-from .ops import AblationBatch, TopKCode, ablate_decode, activation_rate_loss, sparse_decode, topk_encode
+from .ops import (AblationBatch, TopKCode, ablate_decode, activation_rate_loss, sparse_decode, topk_encode,
+                  unchecked)
 
 __version__ = "0.1.0"
 
@@ -82,5 +83,6 @@ __all__ = [
     "sparse_decode",
     "activation_rate_loss",
     "ablate_decode",
+    "unchecked",
     *sorted(_LAZY),
 ]

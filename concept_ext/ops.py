@@ -13,8 +13,10 @@ argument before anything reaches a kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import NamedTuple, Optional
+import threading
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -28,6 +30,7 @@ __all__ = [
     "sparse_decode",
     "activation_rate_loss",
     "ablate_decode",
+    "unchecked",
     "OP_NAMES",
 ]
 
@@ -258,10 +261,31 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INDEX = (torch.int64, torch.int32)
 
 
+_UNCHECKED = threading.local()
+
+
+@contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """Skip the data-dependent checks (NaN/inf, index range) of the public wrappers inside the block, in
+    this thread only.
+
+    Each check reads a tensor value back to the host: on CUDA every one is a synchronisation that stalls
+    the launch queue (a training step made 4). Use it where the inputs are known good: the SAE trainer
+    validates its cached activations once, feeds the ops codes that ``topk_encode`` produced, and still
+    checks every step's loss. Shape, dtype and device checks still run.
+    """
+    before = getattr(_UNCHECKED, "on", False)
+    _UNCHECKED.on = True
+    try:
+        yield
+    finally:
+        _UNCHECKED.on = before
+
+
 def _check_data() -> bool:
     """Whether data-dependent checks (NaN/inf, index range) may run: they read tensor values, which
     would synchronise the host with the GPU and break CUDA-graph capture and ``torch.compile``."""
-    if os.environ.get("CONCEPT_EXT_CHECK_DATA", "1") == "0":
+    if os.environ.get("CONCEPT_EXT_CHECK_DATA", "1") == "0" or getattr(_UNCHECKED, "on", False):
         return False
     if torch.compiler.is_compiling():
         return False
@@ -313,12 +337,12 @@ def _finite(t: Tensor, name: str) -> None:
 
 
 def _index_range(idx: Tensor, m: int, name: str, op: str) -> None:
-    """Ids outside ``[0, m)`` raise. Skipped when a compiled kernel serves ``op`` on this device: the
-    kernels check the range themselves in their own pass over the indices."""
+    """Ids outside ``[0, m)`` raise. Skipped when the compiled CPU kernel serves ``op``: it checks the
+    range itself in its own pass over the indices. The CUDA kernels do not (a check there would need a
+    host synchronisation inside the op), so on CUDA the check runs here."""
     if idx.numel() == 0:
         return
-    key = "CUDA" if idx.is_cuda else "CPU"
-    if torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", key):
+    if idx.device.type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", "CPU"):
         return
     lo, hi = (int(v) for v in torch.aminmax(idx))
     if lo < 0 or hi >= m:

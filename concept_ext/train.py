@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, ops
 from .checkpoint import FiringStats, checkpoint_name, load_checkpoint, save_checkpoint
 from .config_sae import SAEConfig, TrainConfig, resolve_device
 from .losses import LossOutput, sae_losses
@@ -47,6 +47,15 @@ class TrainResult(NamedTuple):
     """The last checkpoint written, if any."""
     steps: int
     """Steps done so far (out of cfg.total_steps)."""
+
+
+def _check_finite_rows(t: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming the first row of ``t [N, d]`` with a NaN or an infinity."""
+    if t.numel() and not bool(torch.isfinite(t.sum())):
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero()
+        if bad.numel():
+            raise ValueError(f"{name} contain NaN or infinite values (first in row {int(bad[0])} of "
+                             f"{t.shape[0]}, {bad.numel()} rows in all)")
 
 
 class Trainer:
@@ -93,6 +102,10 @@ class Trainer:
         self.device = torch.device(resolve_device(cfg.device))
         self.sae = sae.to(self.device)
         self.h = activations.to(self.device, sae.W_enc.dtype)  # [N, d], held on the device
+        # Validated once here, so that the steps can run the ops without their per-call data checks
+        # (each one a host synchronisation on CUDA); a non-finite weight still shows up as a non-finite
+        # loss, which every step checks.
+        _check_finite_rows(self.h, "activations")
         self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata = dict(metadata or {})
@@ -157,10 +170,11 @@ class Trainer:
         dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
         opts = dict(dead_mask=dead, stopgrad_class=self.stopgrad_active, loss_weight=weight,
                     noise_gen=self.noise_gen)
-        if group is None:
-            out = sae_losses(sae, h, labels, cfg, **opts)  # (2)
-        else:  # through DDP, whose forward is sae_losses(sae, ...)
-            out = self._ddp(h, labels, cfg, group=group, **opts)  # (2)
+        with ops.unchecked():  # the codes come from topk_encode on validated activations
+            if group is None:
+                out = sae_losses(sae, h, labels, cfg, **opts)  # (2)
+            else:  # through DDP, whose forward is sae_losses(sae, ...)
+                out = self._ddp(h, labels, cfg, group=group, **opts)  # (2)
         backward = out.terms.total
         if group is not None:
             # The terms are this rank's shares: report the global values (the same on every rank, so a

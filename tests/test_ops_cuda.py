@@ -336,3 +336,22 @@ def test_cuda_graph_capture_ablate_decode_padded():
     assert torch.equal(static_out[2], eager[2]) and torch.equal(static_out[3], eager[3])
     _close(static_out[0], eager[0], torch.float32, scale=4.0)
     _close(static_out[1], eager[1], torch.float32, scale=4.0)
+
+
+def test_out_of_range_indices_raise_on_cuda():
+    """The CUDA kernels do not range-check their indices (that would need a host synchronisation inside
+    the op), so the wrappers do it on CUDA: an out-of-range id is a clear error, never an invalid read."""
+    g = _gen(23)
+    values, indices = _code(8, 3, 12, torch.float32, g)
+    W, b = _randn(12, 5, dtype=torch.float32, g=g), _randn(5, dtype=torch.float32, g=g)
+    bad = indices.clone()
+    bad[3, 1] = 12
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 12\)"):
+        concept_ext.sparse_decode(values, bad, W, b)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 12\)"):
+        concept_ext.activation_rate_loss(values, bad, 12, 0.1)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 12\)"):
+        concept_ext.ablate_decode(values, bad, W, b, torch.tensor([0, 1], device=DEV))
+    with pytest.raises(ValueError, match=r"keep must lie in \[0, 12\)"):
+        concept_ext.ablate_decode(values, indices, W, b, torch.tensor([0, 12], device=DEV))
+    torch.cuda.synchronize()  # and the context is still healthy

@@ -71,3 +71,32 @@ def test_kernel_level_checks_raise_not_crash(fn, args, fragment):
         getattr(torch.ops.concept_ext, fn)(*args)
     assert fragment in str(info.value).lower() or "out of" in str(info.value).lower() or "range" in str(
         info.value).lower()
+
+
+def test_unchecked_skips_data_checks_in_its_block_only():
+    """``unchecked()`` turns the NaN/inf checks off inside the block (the kernels then run on the bad
+    input), restores them after it, even when the block raises, and leaves other threads alone."""
+    import threading
+
+    with concept_ext.unchecked():
+        try:  # the wrapper's ValueError is off; the compiled CPU kernel has a NaN check of its own
+            concept_ext.topk_encode(nan_x, W, b, 2)
+        except RuntimeError as e:
+            assert concept_ext.HAS_C_EXTENSION and "pre-activations" in str(e)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(concept_ext.ops._check_data()))
+        t.start()
+        t.join()
+        assert seen == [True]  # another thread still checks
+        with concept_ext.unchecked():
+            pass
+        assert not concept_ext.ops._check_data()  # nested blocks restore the outer state
+    with pytest.raises(ValueError, match="x contains NaN"):
+        concept_ext.topk_encode(nan_x, W, b, 2)
+    with pytest.raises(KeyError):
+        with concept_ext.unchecked():
+            raise KeyError("inside")
+    assert concept_ext.ops._check_data()
+    # Shape checks are not data checks: they still run inside the block.
+    with concept_ext.unchecked(), pytest.raises(ValueError, match="W_enc expects d = 2"):
+        concept_ext.topk_encode(x, W[:2], b, 2)

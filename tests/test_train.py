@@ -164,6 +164,34 @@ def test_non_finite_loss_names_the_step():
         tr.train()
 
 
+def test_trainer_rejects_non_finite_activations_up_front():
+    """The activations are validated once at construction (the steps then skip the per-op data checks)."""
+    h, y = _tiny()
+    h[7, 3] = float("nan")
+    h[9, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"activations contain NaN or infinite values \(first in row 7 of 40, 2 rows"):
+        _tiny_trainer(h, y)
+
+
+def test_trainer_steps_skip_per_op_data_checks(monkeypatch):
+    """Inside a step the ops' data checks are off (no host synchronisation per op on CUDA); outside they
+    are on again."""
+    from concept_ext import ops
+
+    seen = []
+    real = ops.topk_encode
+
+    def spy(*a, **kw):
+        seen.append(ops._check_data())
+        return real(*a, **kw)
+
+    monkeypatch.setattr("concept_ext.sae.topk_encode", spy)
+    h, y = _tiny()
+    _tiny_trainer(h, y).train(steps=2)
+    assert seen and not any(seen)
+    assert ops._check_data()
+
+
 def test_trainer_rejects_bad_inputs():
     h, y = _tiny()
     with pytest.raises(ValueError, match="labels"):
