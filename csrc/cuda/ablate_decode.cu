@@ -7,16 +7,16 @@
 //    its value is > 0 and no earlier entry of the row has the same latent with a value > 0 (O(k^2) per
 //    row, fine for SAE k; pathological for k ~ m).
 // 3. Exclusive scan of the counts on device; the total P is then copied to the host: the output size is
-//    data-dependent, so this op synchronises once and cannot be captured in a CUDA graph. It is an
-//    evaluation op; the training ops never synchronise.
+//    data-dependent, so this form synchronises once and cannot be captured in a CUDA graph (the padded
+//    form below can). It is an evaluation op; the training ops never synchronise.
 // 4. Fill pass, one block per row: each representative's slot is its rank by position in `keep`
 //    (pairs ordered by row, then keep position, as in the reference); its coefficient sums every entry
 //    of the row with that latent.
 // 5. One block per output row (base rows, then pairs): the rank-1 correction, the optional rescale to
 //    target_norm (block-reduced norm) and the cast.
 //
-// ablate_decode_padded skips steps 2-4 and the synchronisation: every code entry owns output slot
-// row * k + j, filled by its own thread when the entry is its pair's representative and marked -1
+// ablate_decode_padded skips steps 2-3 and the synchronisation: in step 4 every code entry owns output
+// slot row * k + j, filled by its own thread when the entry is its pair's representative and marked -1
 // (zero row) otherwise. Its output sizes depend only on N, k and d, so it captures in a CUDA graph.
 #include "common.cuh"
 #include "concept_ext/kernels.h"
@@ -73,6 +73,9 @@ __global__ void count_kernel(const T* __restrict__ values, const I* __restrict__
   if (threadIdx.x == 0) counts[blockIdx.x] = n;
 }
 
+// One block per row. Compact form (offsets != nullptr): each pair goes to slot offsets[row] + its rank
+// among the row's pairs in keep order. Padded form (offsets == nullptr): entry j owns slot row * k + j,
+// marked -1 with a zero coefficient when it is not its pair's representative.
 template <typename T, typename I>
 __global__ void fill_kernel(const T* __restrict__ values, const I* __restrict__ indices,
                             const int32_t* __restrict__ pos, const int64_t* __restrict__ offsets,
@@ -83,43 +86,24 @@ __global__ void fill_kernel(const T* __restrict__ values, const I* __restrict__ 
   const T* v = values + row * k;
   const I* idx = indices + row * k;
   for (int64_t j = threadIdx.x; j < k; j += kBlock) {
-    if (!is_rep(v, idx, pos, j)) continue;
+    if (!is_rep(v, idx, pos, j)) {
+      if (offsets == nullptr) {
+        pair_row[row * k + j] = -1;
+        pair_concept[row * k + j] = -1;
+        coef[row * k + j] = A(0);
+      }
+      continue;
+    }
     const int32_t pj = pos[idx[j]];
     int64_t rank = 0;
     A s = 0;
     for (int64_t q = 0; q < k; ++q) {
       if (idx[q] == idx[j]) s += static_cast<A>(v[q]);
-      else if (pos[idx[q]] >= 0 && pos[idx[q]] < pj && is_rep(v, idx, pos, q)) ++rank;
+      else if (offsets != nullptr && pos[idx[q]] >= 0 && pos[idx[q]] < pj && is_rep(v, idx, pos, q)) ++rank;
     }
-    const int64_t slot = offsets[row] + rank;
+    const int64_t slot = offsets != nullptr ? offsets[row] + rank : row * k + j;
     pair_row[slot] = row;
     pair_concept[slot] = pj;
-    coef[slot] = s;
-  }
-}
-
-// Padded form: slot row * k + j of every entry j, one block per row.
-template <typename T, typename I>
-__global__ void padded_fill_kernel(const T* __restrict__ values, const I* __restrict__ indices,
-                                   const int32_t* __restrict__ pos, int64_t* __restrict__ pair_row,
-                                   int64_t* __restrict__ pair_concept, acc_t<T>* __restrict__ coef, int64_t k) {
-  using A = acc_t<T>;
-  const int64_t row = blockIdx.x;
-  const T* v = values + row * k;
-  const I* idx = indices + row * k;
-  for (int64_t j = threadIdx.x; j < k; j += kBlock) {
-    const int64_t slot = row * k + j;
-    if (!is_rep(v, idx, pos, j)) {
-      pair_row[slot] = -1;
-      pair_concept[slot] = -1;
-      coef[slot] = A(0);
-      continue;
-    }
-    A s = 0;
-    for (int64_t q = 0; q < k; ++q)
-      if (idx[q] == idx[j]) s += static_cast<A>(v[q]);
-    pair_row[slot] = row;
-    pair_concept[slot] = pos[idx[j]];
     coef[slot] = s;
   }
 }
@@ -218,47 +202,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Ten
     });
   });
   CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (base)");
-  if (padded) {
-    // Static sizes: one slot per entry, no count, no scan, no host synchronisation.
-    const int64_t p = n * k;
-    Tensor ablated = torch::stable::new_empty(w, {p, d});
-    Tensor pair_row = torch::stable::new_empty(v, {p}, i64);
-    Tensor pair_concept = torch::stable::new_empty(v, {p}, i64);
-    Tensor coef = torch::stable::new_empty(w, {p}, std::optional<ScalarType>(acc));
-    CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode_padded", [&] {
-      using A = acc_t<scalar_t>;
-      if (p > 0) {
-        CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode_padded", [&] {
-          padded_fill_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
-              ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int64_t>(pair_row),
-              ptr<int64_t>(pair_concept), ptr<A>(coef), k);
-        });
-      }
-      if (d > 0) {
-        finish_kernel<scalar_t><<<static_cast<unsigned>(n + p), kBlock, 0, stream>>>(
-            ptr<A>(base), ptr<scalar_t>(w), ptr<int64_t>(kp), ptr<int64_t>(pair_row), ptr<int64_t>(pair_concept),
-            ptr<A>(coef), target_norm.has_value() ? ptr<scalar_t>(tn) : nullptr, n, d, ptr<scalar_t>(base_out),
-            ptr<scalar_t>(ablated));
-      }
+  // Padded form: static sizes, one slot per entry, no count, no scan, no host synchronisation.
+  int64_t p = n * k;
+  Tensor offsets;
+  if (!padded) {
+    Tensor counts = torch::stable::new_empty(v, {n}, std::optional<ScalarType>(ScalarType::Int));
+    offsets = torch::stable::new_empty(v, {n + 1}, i64);
+    CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode", [&] {
+      CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
+        count_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
+            ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int32_t>(counts), k);
+      });
     });
-    CONCEPT_EXT_CHECK_LAUNCH("ablate_decode_padded (fill)");
-    return {base_out, ablated, pair_row, pair_concept};
+    exclusive_scan_kernel<int32_t><<<1, kBlock, 0, stream>>>(ptr<int32_t>(counts), ptr<int64_t>(offsets), n);
+    CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (count)");
+    // The compact form's one host synchronisation: P sizes the outputs.
+    cudaError_t err =
+        cudaMemcpyAsync(&p, ptr<int64_t>(offsets) + n, sizeof(int64_t), cudaMemcpyDeviceToHost, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    STD_TORCH_CHECK(err == cudaSuccess, "ablate_decode: reading the pair count failed: ", cudaGetErrorString(err));
   }
-  Tensor counts = torch::stable::new_empty(v, {n}, std::optional<ScalarType>(ScalarType::Int));
-  Tensor offsets = torch::stable::new_empty(v, {n + 1}, i64);
-  CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode", [&] {
-    CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
-      count_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
-          ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int32_t>(counts), k);
-    });
-  });
-  exclusive_scan_kernel<int32_t><<<1, kBlock, 0, stream>>>(ptr<int32_t>(counts), ptr<int64_t>(offsets), n);
-  CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (count)");
-  // The one host synchronisation: P sizes the outputs.
-  int64_t p = 0;
-  cudaError_t err = cudaMemcpyAsync(&p, ptr<int64_t>(offsets) + n, sizeof(int64_t), cudaMemcpyDeviceToHost, stream);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  STD_TORCH_CHECK(err == cudaSuccess, "ablate_decode: reading the pair count failed: ", cudaGetErrorString(err));
   Tensor ablated = torch::stable::new_empty(w, {p, d});
   Tensor pair_row = torch::stable::new_empty(v, {p}, i64);
   Tensor pair_concept = torch::stable::new_empty(v, {p}, i64);
@@ -268,8 +231,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Ten
     if (p > 0) {
       CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
         fill_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
-            ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int64_t>(offsets), ptr<int64_t>(pair_row),
-            ptr<int64_t>(pair_concept), ptr<A>(coef), k);
+            ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), padded ? nullptr : ptr<int64_t>(offsets),
+            ptr<int64_t>(pair_row), ptr<int64_t>(pair_concept), ptr<A>(coef), k);
       });
     }
     if (d > 0) {
