@@ -36,9 +36,13 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _poison() -> None:
-    """Leave NaN garbage in the caching allocator, so kernels that skip writing an output get caught."""
-    junk = torch.full((1 << 22,), float("nan"), device=DEV)
-    junk += 0
+    """Leave NaN garbage in the caching allocator, so kernels that skip writing an output get caught.
+
+    The allocator keeps two pools: blocks of at most 1 MiB come from the small pool, larger ones from
+    the large pool, so both are filled (a freed 16 MiB block alone never backs a small output)."""
+    junk = [torch.full((1 << 22,), float("nan"), device=DEV)]  # 16 MiB: large pool
+    junk += [torch.full((n,), float("nan"), device=DEV) for n in (1 << 18, 1 << 16, 1 << 14, 1 << 12, 1 << 10,
+                                                                    256, 64) for _ in range(4)]  # small pool
     del junk
 
 
@@ -355,3 +359,89 @@ def test_out_of_range_indices_raise_on_cuda():
     with pytest.raises(ValueError, match=r"keep must lie in \[0, 12\)"):
         concept_ext.ablate_decode(values, indices, W, b, torch.tensor([0, 12], device=DEV))
     torch.cuda.synchronize()  # and the context is still healthy
+
+
+
+# --------------------------------------------------------------------------------------------------
+# edge cases beyond the grids above: bfloat16 weights, d = 0, k > one tile, long buckets, chunked encode
+# --------------------------------------------------------------------------------------------------
+def test_topk_encode_bfloat16_weights():
+    """The opt-in form: float32 x and b_enc, bfloat16 W_enc (widened, fp32 accumulation)."""
+    g = _gen(29)
+    n, d, m, k = 45, 24, 300, 12
+    x, b = _randn(n, d, dtype=torch.float32, g=g), _randn(m, dtype=torch.float32, g=g)
+    W = _randn(d, m, dtype=torch.bfloat16, g=g)
+    _poison()
+    values, indices = concept_ext.topk_encode(x, W, b, k, weight_dtype=torch.bfloat16)
+    _check_topk(x, W.float(), b, k, values, indices, torch.float32)
+    gv = _randn(n, k, dtype=torch.float32, g=g)
+    got = OPS_NS.topk_encode_backward(gv, values, indices, x, W)
+    want = ref.topk_encode_backward(gv, values, indices, x, W)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        _close(a, e, e.dtype, scale=4.0)
+
+
+def test_zero_width_d():
+    """d = 0: every dot product over d is empty, but grad_b_enc still sums the selected gradients."""
+    g = _gen(31)
+    x, W = torch.empty(6, 0, device=DEV), torch.empty(0, 10, device=DEV)
+    b = _randn(10, dtype=torch.float32, g=g) + 1.0
+    values, indices = OPS_NS.topk_encode(x, W, b, 3)
+    gv = _randn(6, 3, dtype=torch.float32, g=g)
+    _poison()
+    got = OPS_NS.topk_encode_backward(gv, values, indices, x, W)
+    want = ref.topk_encode_backward(gv, values, indices, x, W)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape
+        _close(a, e, torch.float32)
+    vals, idx = _code(5, 3, 8, torch.float32, g)
+    _poison()
+    gval, gw = OPS_NS.sparse_decode_backward(torch.empty(5, 0, device=DEV), vals, idx, torch.empty(8, 0, device=DEV))
+    assert torch.equal(gval, torch.zeros_like(vals)) and gw.shape == (8, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_k_beyond_one_tile(dtype):
+    """k > 256 (the block size): the decode and encode-backward kernels loop over several tiles of k."""
+    g = _gen(37)
+    n, k, m, d = 9, 300, 700, 37
+    values, indices = _code(n, k, m, dtype, g)
+    W, b = _randn(m, d, dtype=dtype, g=g), _randn(d, dtype=dtype, g=g)
+    _poison()
+    _close(OPS_NS.sparse_decode(values, indices, W, b), ref.sparse_decode(values, indices, W, b), dtype, k ** 0.5)
+    grad_out = _randn(n, d, dtype=dtype, g=g)
+    for a, e in zip(OPS_NS.sparse_decode_backward(grad_out, values, indices, W),
+                    ref.sparse_decode_backward(grad_out, values, indices, W)):
+        _close(a, e, dtype, scale=float(d) ** 0.5 + 4)
+    x, We, be = _randn(n, d, dtype=dtype, g=g), _randn(d, m, dtype=dtype, g=g), _randn(m, dtype=dtype, g=g)
+    v, i = OPS_NS.topk_encode(x, We, be, k)
+    _check_topk(x, We, be, k, v, i, dtype)
+    gv = _randn(n, k, dtype=dtype, g=g)
+    for a, e in zip(OPS_NS.topk_encode_backward(gv, v, i, x, We), ref.topk_encode_backward(gv, v, i, x, We)):
+        _close(a, e, dtype, scale=float(k) ** 0.5 + 4)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_activation_rate_long_buckets(rate):
+    """Latents with thousands of entries: the per-latent selection runs over several tiles."""
+    g = _gen(41)
+    n, k, m = 3000, 2, 4
+    values, indices = _code(n, k, m, torch.float32, g)
+    _close(OPS_NS.activation_rate_loss(values, indices, m, rate), ref.activation_rate_loss(values, indices, m, rate),
+           torch.float32, scale=10.0)
+    grad = torch.tensor(1.0, device=DEV)
+    gv = OPS_NS.activation_rate_loss_backward(grad, values, indices, m, rate)
+    rgv = ref.activation_rate_loss_backward(grad, values, indices, m, rate)
+    assert torch.equal(gv == 0, rgv == 0)
+    _close(gv, rgv, torch.float32)
+
+
+def test_topk_encode_in_several_chunks():
+    """N * m * 4 bytes over the kernel's 256 MiB scratch: the forward runs in row chunks."""
+    g = _gen(43)
+    n, d, m, k = 70_000, 16, 1024, 8  # 287 MiB of pre-activations
+    x, W, b = _randn(n, d, dtype=torch.float32, g=g), _randn(d, m, dtype=torch.float32, g=g), _randn(
+        m, dtype=torch.float32, g=g)
+    values, indices = OPS_NS.topk_encode(x, W, b, k)
+    _check_topk(x, W, b, k, values, indices, torch.float32)

@@ -158,7 +158,8 @@ std::tuple<Tensor, Tensor> sparse_decode_backward_cuda(Tensor grad_out, Tensor v
   torch::stable::accelerator::DeviceGuard guard(values.get_device_index());
   const int64_t n = values.size(0), k = values.size(1), m = W_dec.size(0), d = W_dec.size(1);
   const ScalarType acc = acc_scalar_type(W_dec.scalar_type());
-  Tensor grad_values = torch::stable::new_empty(values, {n, k});
+  // Zeros when no kernel runs (d == 0: every dot product over d is empty).
+  Tensor grad_values = d > 0 ? torch::stable::new_empty(values, {n, k}) : torch::stable::new_zeros(values, {n, k});
   Tensor grad_w = torch::stable::new_zeros(W_dec, {m, d}, std::optional<ScalarType>(acc));
   if (n > 0 && k > 0 && d > 0) {
     Tensor g = contig(grad_out), v = contig(values), idx = contig(indices), w = contig(W_dec);

@@ -176,7 +176,10 @@ void check_encode_args(const Tensor& x, const Tensor& W_enc) {
   check_dim(x, 2, "x");
   check_dim(W_enc, 2, "W_enc");
   check_floating(x, "x");
-  check_same_dtype(x, W_enc, "x", "W_enc");
+  // The opt-in bfloat16-weights form (ops.topk_encode(weight_dtype=torch.bfloat16)): float32 x and b_enc,
+  // bfloat16 W_enc, widened to the accumulation dtype before use.
+  if (!(x.scalar_type() == ScalarType::Float && W_enc.scalar_type() == ScalarType::BFloat16))
+    check_same_dtype(x, W_enc, "x", "W_enc");
   check_size(x, 1, W_enc.size(0), "x");
   check_cuda(x, "x");
   check_same_device(x, W_enc, "x", "W_enc");
@@ -241,11 +244,13 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values,
   Tensor grad_x = torch::stable::new_empty(x, {n, d});
   Tensor grad_w_t = torch::stable::new_zeros(x, {m, d}, std::optional<ScalarType>(acc));
   Tensor grad_b = torch::stable::new_zeros(x, {m}, std::optional<ScalarType>(acc));
-  if (n > 0 && d > 0 && k > 0) {
+  if (n > 0 && k > 0) {
     Tensor gv = contig(grad_values), v = contig(values), idx = contig(indices), xc = contig(x);
-    Tensor w_t = contig(torch::stable::transpose(W_enc, 0, 1));  // [m, d]: coalesced gathers
+    // [m, d]: coalesced gathers; in x's dtype (a bfloat16 W_enc is widened for the float32 kernel).
+    Tensor w_t = contig(to_dtype(torch::stable::transpose(W_enc, 0, 1), x.scalar_type()));
     cudaStream_t stream = current_stream(x);
-    dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
+    // d == 0 still needs one column tile: its threads are all idle but it writes grad_b.
+    dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(std::max<int64_t>(1, ceil_div(d, kBlock))));
     CONCEPT_EXT_DISPATCH_FLOATING(x.scalar_type(), "topk_encode_backward", [&] {
       CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "topk_encode_backward", [&] {
         topk_backward_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
