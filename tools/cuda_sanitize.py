@@ -37,7 +37,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> bool
 def run(n: int, d: int, m: int, k: int, dtype: torch.dtype, seed: int, dev: str = "cuda") -> bool:
     """One pass over every op at (n, d, m, k); True when every result matches the reference."""
     g = torch.Generator(device=dev).manual_seed(seed)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3}.get(dtype, 2e-2)
     print(f"N {n}, d {d}, m {m}, k {k}, {dtype}")
     x = torch.randn(n, d, device=dev, generator=g, dtype=dtype)
     W_enc = (torch.randn(d, m, device=dev, generator=g) / d ** 0.5).to(dtype).requires_grad_()
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cases = [(67, 45, 301, 7, torch.float32)] if args.small else [
         (67, 45, 301, 7, torch.float32), (130, 96, 1031, 1, torch.float32), (33, 64, 260, 32, torch.bfloat16),
-        (1, 17, 19, 19, torch.float32)]
+        (1, 17, 19, 19, torch.float32), (41, 36, 200, 9, torch.float16), (29, 20, 150, 5, torch.float64)]
     ok = all([run(n, d, m, k, dt, seed, args.device) for seed, (n, d, m, k, dt) in enumerate(cases)])
     print("cuda_sanitize:", "all results match the reference" if ok else "MISMATCH")
     return 0 if ok else 1
