@@ -293,7 +293,12 @@ def run_size(n, d, m, k, dev, args) -> list[dict]:
     }
     rows = []
     for op in args.ops:
-        impls, check = builders[op]()
+        try:
+            impls, check = builders[op]()
+        except Exception as exc:  # e.g. out of memory building the inputs at a stress size: recorded
+            rows.append({"op": op, "n": n, "d": d, "m": m, "k": k, "impl": "(setup)",
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
         op_rows = []
         for name, fn in impls.items():
             if args.impls and name not in args.impls:
