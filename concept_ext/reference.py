@@ -24,7 +24,7 @@ Semantics (method.md sections 2.1, 2.3 and 3.1):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -257,6 +257,46 @@ def _kept_reconstruction(idx: Tensor, v_kept: Tensor, w: Tensor, b: Tensor) -> T
     return torch.nn.functional.embedding_bag(idx, w, per_sample_weights=v_kept, mode="sum") + b
 
 
+class _AblationSetup(NamedTuple):
+    """What both ablation passes start from, in the accumulation dtype."""
+
+    idx: Tensor  # [N, k] int64 latent ids
+    entry_pos: Tensor  # [N, k] position in keep of each entry's latent, -1 when not kept
+    kept: Tensor  # [N, k] bool
+    v: Tensor  # [N, k] values
+    v_kept: Tensor  # [N, k] values of kept entries, 0 elsewhere
+    w: Tensor  # [m, d]
+    base: Tensor  # [N, d] kept-latent reconstruction, unscaled
+
+
+def _ablation_setup(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, keep: Tensor
+                    ) -> _AblationSetup:
+    """Range checks, then :class:`_AblationSetup` for ``keep [F]`` (int64, distinct)."""
+    n = values.shape[0]
+    m = W_dec.shape[0]
+    acc = _acc_dtype(W_dec.dtype)
+    _check_indices(indices, m)
+    _check_indices(keep, m, "keep")
+    pos_in_keep = torch.full((m,), -1, dtype=torch.int64, device=W_dec.device)
+    pos_in_keep[keep] = torch.arange(keep.numel(), device=W_dec.device)
+    idx = indices.long()
+    entry_pos = pos_in_keep[idx] if n > 0 else idx
+    kept = entry_pos >= 0
+    v = values.to(acc)
+    v_kept = torch.where(kept, v, torch.zeros_like(v))
+    w = W_dec.to(acc)
+    base = _kept_reconstruction(idx, v_kept, w, b_dec.to(acc))
+    return _AblationSetup(idx, entry_pos, kept, v, v_kept, w, base)
+
+
+def _rescale(base: Tensor, ablated: Tensor, t: Tensor, ablated_row: Tensor) -> tuple[Tensor, Tensor]:
+    """The v2 evaluation rescale: every row ``r`` of input row ``i`` becomes ``r * t[i] / (||r|| + eps)``;
+    ``ablated_row [P]`` is the input row of each ablated row."""
+    base = base * (t / (base.norm(dim=1) + RESCALE_EPS))[:, None]
+    ablated = ablated * (t[ablated_row] / (ablated.norm(dim=1) + RESCALE_EPS))[:, None]
+    return base, ablated
+
+
 def ablate_decode(
     values: Tensor,  # [N, k]
     indices: Tensor,  # [N, k]
@@ -279,21 +319,10 @@ def ablate_decode(
         ids) and ``pair_concept [P]`` (int64 positions in ``keep``). Pairs are ordered by row, then by
         position in ``keep``. If a latent appears twice in one row its entries are summed.
     """
-    n, k = values.shape
-    m, d = W_dec.shape
+    n = values.shape[0]
     acc = _acc_dtype(W_dec.dtype)
-    _check_indices(indices, m)
-    _check_indices(keep, m, "keep")
     keep = keep.long()
-    pos_in_keep = torch.full((m,), -1, dtype=torch.int64, device=W_dec.device)
-    pos_in_keep[keep] = torch.arange(keep.numel(), device=W_dec.device)
-    idx = indices.long()
-    entry_pos = pos_in_keep[idx] if n > 0 else idx  # [N, k], -1 when not kept
-    kept = entry_pos >= 0
-    v = values.to(acc)
-    v_kept = torch.where(kept, v, torch.zeros_like(v))
-    w = W_dec.to(acc)
-    base = _kept_reconstruction(idx, v_kept, w, b_dec.to(acc))
+    idx, entry_pos, kept, v, v_kept, w, base = _ablation_setup(values, indices, W_dec, b_dec, keep)
     # Per (row, concept position): summed value, and whether the concept is active there.
     n_f = keep.numel()
     coef = torch.zeros((n, n_f + 1), dtype=acc, device=W_dec.device)  # column n_f collects non-kept
@@ -307,9 +336,7 @@ def ablate_decode(
     pair_row, pair_concept = nz[:, 0].clone(), nz[:, 1].clone()  # separate storage (no aliasing outputs)
     ablated = base[pair_row] - coef[pair_row, pair_concept, None] * w[keep[pair_concept]]
     if target_norm is not None:
-        t = target_norm.to(acc)
-        base = base * (t / (base.norm(dim=1) + RESCALE_EPS))[:, None]
-        ablated = ablated * (t[pair_row] / (ablated.norm(dim=1) + RESCALE_EPS))[:, None]
+        base, ablated = _rescale(base, ablated, target_norm.to(acc), pair_row)
     return base.to(W_dec.dtype), ablated.to(W_dec.dtype), pair_row, pair_concept
 
 
@@ -336,21 +363,10 @@ def ablate_decode_padded(
         ``base [N, d]``, ``ablated [N * k, d]``, ``pair_row [N * k]``, ``pair_concept [N * k]`` (int64).
     """
     n, k = values.shape
-    m, d = W_dec.shape
+    d = W_dec.shape[1]
     acc = _acc_dtype(W_dec.dtype)
-    _check_indices(indices, m)
-    _check_indices(keep, m, "keep")
     dev = W_dec.device
-    keep = keep.long()
-    pos_in_keep = torch.full((m,), -1, dtype=torch.int64, device=dev)
-    pos_in_keep[keep] = torch.arange(keep.numel(), device=dev)
-    idx = indices.long()
-    entry_pos = pos_in_keep[idx] if n > 0 else idx  # [N, k], -1 when not kept
-    kept = entry_pos >= 0
-    v = values.to(acc)
-    w = W_dec.to(acc)
-    v_kept = torch.where(kept, v, torch.zeros_like(v))
-    base = _kept_reconstruction(idx, v_kept, w, b_dec.to(acc))
+    idx, entry_pos, kept, v, _, w, base = _ablation_setup(values, indices, W_dec, b_dec, keep.long())
     positive = v > 0
     same = idx[:, :, None] == idx[:, None, :]  # [N, k(j), k(q)]: entries j and q share a latent
     earlier = torch.ones((k, k), dtype=torch.bool, device=dev).tril(-1)  # [j, q]: q < j
@@ -364,8 +380,7 @@ def ablate_decode_padded(
     pair_row = torch.where(valid, rows, none).reshape(n * k)
     pair_concept = torch.where(valid, entry_pos, none).reshape(n * k)
     if target_norm is not None:
-        t = target_norm.to(acc)
-        base = base * (t / (base.norm(dim=1) + RESCALE_EPS))[:, None]
         # Invalid slots are zero rows: 0 * t / (0 + eps) keeps them zero.
-        ablated = ablated * (t.repeat_interleave(k) / (ablated.norm(dim=1) + RESCALE_EPS))[:, None]
+        slot_row = torch.arange(n, device=dev).repeat_interleave(k)  # [N * k]
+        base, ablated = _rescale(base, ablated, target_norm.to(acc), slot_row)
     return base.to(W_dec.dtype), ablated.to(W_dec.dtype), pair_row, pair_concept
