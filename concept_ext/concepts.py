@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .ops import _finite
 from .runstate import atomic_write_json, default_file_mode  # noqa: F401  (atomic_write_json: re-exported for the baselines)
 
 logger = logging.getLogger("concept_ext")
@@ -80,8 +81,7 @@ def check_activations(h: Any, *, name: str = "h", d: Optional[int] = None, min_r
         raise ValueError(f"{name} has d={h.shape[1]} but the model was fitted with d={d}")
     if h.shape[0] < min_rows:
         raise ValueError(f"{name} has {h.shape[0]} rows; at least {min_rows} are needed")
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    _finite(h, name)
     return h
 
 

@@ -237,11 +237,11 @@ def _ablate_bwd_via(ref_fn, ctx, g_base, g_abl):
                 outs.append(o)
                 grads.append(g)
         wrt = [x for x in leaves if x is not None and x.requires_grad]
-        got = torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt and outs else [None] * len(wrt)
+        # materialize_grads: zeros (not None) for an input the outputs do not depend on.
+        got = (torch.autograd.grad(outs, wrt, grads, allow_unused=True, materialize_grads=True) if outs
+               else [torch.zeros_like(x) for x in wrt])
     it = iter(got)
     res = [next(it) if (x is not None and x.requires_grad) else None for x in leaves]
-    # allow_unused gives None for an input the outputs do not depend on; autograd wants its zero gradient.
-    res = [torch.zeros_like(x) if (r is None and x is not None and x.requires_grad) else r for r, x in zip(res, leaves)]
     return res[0], None, res[1], res[2], None, res[3]
 
 
@@ -332,8 +332,14 @@ def _finite(t: Tensor, name: str) -> None:
     total = t.sum()
     if bool(torch.isfinite(total)):
         return
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return
+    where = ""
+    if t.dim() > 0:  # name the first bad row (index along dim 0) and how many rows hold one
+        rows = bad.reshape(t.shape[0], -1).any(dim=1).nonzero()
+        where = f" (first in row {int(rows[0])} of {t.shape[0]}, {rows.numel()} rows in all)"
+    raise ValueError(f"{name} contains NaN or infinite values{where}")
 
 
 def _index_range(idx: Tensor, m: int, name: str, op: str) -> None:

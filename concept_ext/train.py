@@ -49,15 +49,6 @@ class TrainResult(NamedTuple):
     """Steps done so far (out of cfg.total_steps)."""
 
 
-def _check_finite_rows(t: Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming the first row of ``t [N, d]`` with a NaN or an infinity."""
-    if t.numel() and not bool(torch.isfinite(t.sum())):
-        bad = (~torch.isfinite(t)).any(dim=1).nonzero()
-        if bad.numel():
-            raise ValueError(f"{name} contain NaN or infinite values (first in row {int(bad[0])} of "
-                             f"{t.shape[0]}, {bad.numel()} rows in all)")
-
-
 class Trainer:
     """Trains a :class:`TopKSAE`/:class:`ClassifSAE` on cached activations held on the device.
 
@@ -105,7 +96,7 @@ class Trainer:
         # Validated once here, so that the steps can run the ops without their per-call data checks
         # (each one a host synchronisation on CUDA); a non-finite weight still shows up as a non-finite
         # loss, which every step checks.
-        _check_finite_rows(self.h, "activations")
+        ops._finite(self.h, "activations")
         self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata = dict(metadata or {})

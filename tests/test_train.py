@@ -169,7 +169,7 @@ def test_trainer_rejects_non_finite_activations_up_front():
     h, y = _tiny()
     h[7, 3] = float("nan")
     h[9, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"activations contain NaN or infinite values \(first in row 7 of 40, 2 rows"):
+    with pytest.raises(ValueError, match=r"activations contains NaN or infinite values \(first in row 7 of 40, 2 rows"):
         _tiny_trainer(h, y)
 
 
