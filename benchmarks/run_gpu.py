@@ -256,8 +256,9 @@ def ablate_impls(w, vals, idx, n_keep=20):
     keep = torch.arange(n_keep, device=vals.device)
     v = vals.clone()
     v[:, 0] = v[:, 0] + 0  # keep the code as drawn; ~n*k*n_keep/m pairs are active
-    # ours_padded: one slot per code entry, no host synchronisation (what a CUDA-graph captured sweep runs);
-    # it is checked after keeping its valid slots, which are the compact output's rows in the same order.
+    # ours_padded: one slot per code entry, no host synchronisation (what a CUDA-graph captured sweep runs).
+    # Every output is checked after keeping its valid slots ordered by (row, concept): for the compact
+    # form that is the identity, for the padded form it gives the compact output.
     impls = {"ours": lambda: concept_ext.ablate_decode(v, idx, w.W_dec, w.b_dec, keep),
              "ours_padded": lambda: concept_ext.ablate_decode(v, idx, w.W_dec, w.b_dec, keep, padded=True),
              "eager": lambda: reference.ablate_decode(v, idx, w.W_dec, w.b_dec, keep, None)}
@@ -265,10 +266,9 @@ def ablate_impls(w, vals, idx, n_keep=20):
 
     def check(out):
         base, abl, rows, cons = out
-        if abl.shape[0] != want[1].shape[0] or rows.shape[0] == v.numel():  # padded: compact it
-            valid = rows >= 0
-            order = torch.argsort(rows[valid] * (n_keep + 1) + cons[valid])
-            abl, rows, cons = abl[valid][order], rows[valid][order], cons[valid][order]
+        valid = rows >= 0
+        order = torch.argsort(rows[valid] * (n_keep + 1) + cons[valid])
+        abl, rows, cons = abl[valid][order], rows[valid][order], cons[valid][order]
         if not (torch.equal(rows, want[2]) and torch.equal(cons, want[3])):
             return float("inf")  # a different pair list is wrong, whatever the values
         return max(rel_err(base, want[0]), rel_err(abl, want[1]) if want[1].numel() else 0.0)
