@@ -23,8 +23,12 @@ namespace {
 
 using namespace cuda;
 
-// Bound on the per-chunk scratch (pre-activations + sort buffers) of the forward.
-constexpr int64_t kScratchBytes = int64_t(256) << 20;
+// Bound on the per-chunk scratch (pre-activations + sort buffers) of the forward. The CPU emulation
+// build (tools/cuda_emulate.py) lowers it so that its small test inputs run through several chunks.
+#ifndef CONCEPT_EXT_TOPK_SCRATCH_BYTES
+#define CONCEPT_EXT_TOPK_SCRATCH_BYTES (int64_t(256) << 20)
+#endif
+constexpr int64_t kScratchBytes = CONCEPT_EXT_TOPK_SCRATCH_BYTES;
 
 // Stable sort of n (key, id) pairs by key descending, by LSD radix on ~key; ping-pongs between the
 // (ka, ia) and (kb, ib) buffers an even number of times, so the result ends in (ka, ia). Each warp owns a

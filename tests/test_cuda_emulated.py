@@ -1,0 +1,175 @@
+"""The CUDA kernels themselves, run on the CPU under the fiber emulator (tools/cuda_emulate.py).
+
+CI has no GPU, so ``test_ops_cuda.py`` skips there. This module builds ``csrc/cuda/*.cu`` unchanged
+(host and device code) against ``csrc/emu/cuda_runtime.h`` and re-runs that module's kernel-level tests
+on CPU tensors, through the ``concept_ext_emu`` op namespace: the same inputs, the same references and
+tolerances. Uninitialised outputs are poisoned by PyTorch itself (``fill_uninitialized_memory``: NaN in
+floats, the largest value in integers). The encode's row-chunk scratch is shrunk to 64 KiB in this build
+so that its chunked path runs at test sizes. On top: results must not depend on the order in which
+threads run between barriers, and the emulator's own checks (divergent barriers, collectives with
+exited lanes) must fire on kernels that break those rules.
+
+What this cannot show is in ``csrc/emu/cuda_runtime.h``: speed, inter-block memory ordering, hardware
+limits; those need the GPU (``test_ops_cuda.py``, ``tools/cuda_sanitize.py``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from concept_ext import reference as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import cuda_emulate  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no host C++ compiler")
+
+
+class _LazyOps:
+    """``torch.ops.concept_ext_emu``, built and loaded on first use (not at collection)."""
+
+    def __getattr__(self, name):
+        return getattr(cuda_emulate.load(), name)
+
+
+def _poison() -> None:
+    """Nothing to do per call: the module fixture below makes every torch.empty NaN-filled."""
+
+
+# test_ops_cuda.py loaded a second time as its own module, with its globals pointed at the emulator.
+_spec = importlib.util.spec_from_file_location("_ops_cuda_emulated", Path(__file__).with_name("test_ops_cuda.py"))
+_cuda = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cuda)
+_cuda.DEV = "cpu"
+_cuda.OPS_NS = _LazyOps()
+_cuda._poison = _poison
+
+# The kernel-level tests (they call the ops directly). Left out: the public-wrapper, stream, CUDA-graph
+# and 287 MiB tests, which need a real device or route to the CPU kernels.
+test_topk_encode = _cuda.test_topk_encode
+test_topk_encode_ties_and_noncontiguous = _cuda.test_topk_encode_ties_and_noncontiguous
+test_topk_encode_backward = _cuda.test_topk_encode_backward
+test_sparse_decode = _cuda.test_sparse_decode
+test_sparse_decode_noncontiguous = _cuda.test_sparse_decode_noncontiguous
+test_activation_rate_loss = _cuda.test_activation_rate_loss
+test_activation_rate_long_buckets = _cuda.test_activation_rate_long_buckets
+test_ablate_decode = _cuda.test_ablate_decode
+test_zero_width_d = _cuda.test_zero_width_d
+test_k_beyond_one_tile = _cuda.test_k_beyond_one_tile
+
+E = _cuda.OPS_NS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _poisoned_empty():
+    """Every uninitialised tensor (the kernels' outputs included) starts as NaN / the integer maximum."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+
+
+def test_poisoning_is_active():
+    """The premise of the module: torch.empty really is poisoned here, so an unwritten output is caught."""
+    assert torch.isnan(torch.empty(1000)).all()
+    assert (torch.empty(10, dtype=torch.int64) == torch.iinfo(torch.int64).max).all()
+
+
+def test_bfloat16_weights_form():
+    """float32 x and b_enc with a bfloat16 W_enc, forward and backward, on the CUDA code path."""
+    g = torch.Generator().manual_seed(29)
+    n, d, m, k = 45, 24, 300, 12
+    x, b = torch.randn(n, d, generator=g), torch.randn(m, generator=g)
+    W = torch.randn(d, m, generator=g).to(torch.bfloat16)
+    values, indices = E.topk_encode(x, W, b, k)
+    _cuda._check_topk(x, W.float(), b, k, values, indices, torch.float32)
+    gv = torch.randn(n, k, generator=g)
+    for a, e in zip(E.topk_encode_backward(gv, values, indices, x, W), ref.topk_encode_backward(gv, values, indices, x, W)):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        _cuda._close(a, e, e.dtype, scale=4.0)
+
+
+def _all_ops(g: torch.Generator) -> dict[str, tuple]:
+    """One call of every op on shared random inputs; outputs keyed by op."""
+    n, d, m, k = 70, 33, 600, 24
+    x, W, b = torch.randn(n, d, generator=g), torch.randn(d, m, generator=g), torch.randn(m, generator=g)
+    W[:, 100:140] = W[:, 90:91]  # tied latents
+    out = {"encode": E.topk_encode(x, W, b, k)}
+    v, i = out["encode"]
+    Wd, bd = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+    gv = torch.randn(n, k, generator=g)
+    out["encode_backward"] = E.topk_encode_backward(gv, v, i, x, W)
+    out["decode"] = (E.sparse_decode(v, i, Wd, bd),)
+    out["decode_backward"] = E.sparse_decode_backward(torch.randn(n, d, generator=g), v, i, Wd)
+    out["rate"] = (E.activation_rate_loss(v, i, m, 0.1),)
+    out["rate_backward"] = (E.activation_rate_loss_backward(torch.tensor(1.0), v, i, m, 0.1),)
+    keep = torch.randperm(m, generator=g)[:200]
+    out["ablate"] = E.ablate_decode(v, i, Wd, bd, keep, None)
+    out["ablate_padded"] = E.ablate_decode_padded(v, i, Wd, bd, keep, torch.rand(n, generator=g) + 0.5)
+    return out
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+def test_results_do_not_depend_on_thread_order(order, monkeypatch):
+    """Between two barriers the emulator runs threads in one order; a kernel whose result depends on that
+    order (an unsynchronised read of another thread's write) changes its output under another order.
+    Everything but the atomically accumulated weight gradients must be bit-identical; those may differ
+    in the last bits (the summation order changes), as on a GPU."""
+    want = _all_ops(torch.Generator().manual_seed(5))
+    monkeypatch.setenv("CONCEPT_EXT_EMU_ORDER", order)
+    monkeypatch.setenv("CONCEPT_EXT_EMU_SEED", "1234")
+    got = _all_ops(torch.Generator().manual_seed(5))
+    atomic = {("encode_backward", 1), ("encode_backward", 2), ("decode_backward", 1)}
+    for op, outs in want.items():
+        for j, (w, g_) in enumerate(zip(outs, got[op])):
+            if (op, j) in atomic:
+                torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(g_, w), f"{op} output {j} depends on the thread order ({order})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The emulator's own checks, on kernels written to break the rules (tests/cuda_emu_faults.cu).
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def faults():
+    lib = cuda_emulate.build_extra(ROOT / "tests" / "cuda_emu_faults.cu", "concept_ext_emu_faults")
+    torch.ops.load_library(str(lib))
+    return torch.ops.concept_ext_emu_faults
+
+
+def test_emulator_reduces_correctly(faults):
+    """The control: a correct block reduction (warp shuffles, __syncthreads) over 1000 values."""
+    x = torch.randn(1000, dtype=torch.float64)
+    torch.testing.assert_close(faults.block_sum(x, 0), x.sum().reshape(1))
+
+
+def test_emulator_reports_divergent_syncthreads(faults):
+    with pytest.raises(RuntimeError, match=r"block_sum_kernel.*different __syncthreads.*cuda_emu_faults.cu:20\)"):
+        faults.block_sum(torch.randn(300, dtype=torch.float64), 1)
+
+
+def test_emulator_reports_collective_after_exit(faults):
+    with pytest.raises(RuntimeError, match=r"__shfl_xor_sync with a full mask after .* exited"):
+        faults.block_sum(torch.randn(300, dtype=torch.float64), 2)
+
+
+def test_emulator_order_exposes_a_race(faults, monkeypatch):
+    """A kernel that reads a neighbour's shared-memory slot without a barrier gives a different answer
+    when the threads run in another order; the ordering test above relies on exactly this."""
+    x = torch.arange(256, dtype=torch.float64)
+    fwd = faults.block_sum(x, 3)
+    monkeypatch.setenv("CONCEPT_EXT_EMU_ORDER", "reverse")
+    assert not torch.equal(faults.block_sum(x, 3), fwd)
