@@ -12,6 +12,7 @@ using torch::stable::Tensor;
 // Sum of x[0..n) by one block of 256 threads. mode 0: correct. 1: the first warp waits at a different
 // __syncthreads than the others. 2: lanes 200..255 exit before a full-mask shuffle. 3: a thread reads its
 // neighbour's shared slot without a barrier in between (a race whose result depends on thread order).
+// 4: thread 0 also reads x[n], one element past the end (AddressSanitizer's heap-buffer-overflow).
 __global__ void block_sum_kernel(const double* x, int64_t n, int64_t mode, double* out) {
   __shared__ double red[8];
   __shared__ double s[256];
@@ -20,6 +21,7 @@ __global__ void block_sum_kernel(const double* x, int64_t n, int64_t mode, doubl
   if (mode == 1 && t < 32) __syncthreads();
   double v = 0;
   for (int64_t i = t; i < n; i += blockDim.x) v += x[i];
+  if (mode == 4 && t == 0) v += x[n];
   if (mode == 3) {
     s[t] = 0;
     __syncthreads();

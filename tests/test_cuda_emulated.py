@@ -15,6 +15,7 @@ limits; those need the GPU (``test_ops_cuda.py``, ``tools/cuda_sanitize.py``).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_emulator_reduces_correctly(faults):
 
 
 def test_emulator_reports_divergent_syncthreads(faults):
-    with pytest.raises(RuntimeError, match=r"block_sum_kernel.*different __syncthreads.*cuda_emu_faults.cu:20\)"):
+    with pytest.raises(RuntimeError, match=r"block_sum_kernel.*different __syncthreads.*cuda_emu_faults.cu:\d+\)"):
         faults.block_sum(torch.randn(300, dtype=torch.float64), 1)
 
 
@@ -173,3 +174,38 @@ def test_emulator_order_exposes_a_race(faults, monkeypatch):
     fwd = faults.block_sum(x, 3)
     monkeypatch.setenv("CONCEPT_EXT_EMU_ORDER", "reverse")
     assert not torch.equal(faults.block_sum(x, 3), fwd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory checking: the same kernels built with AddressSanitizer (the CPU stand-in for compute-sanitizer's
+# memcheck), in a child process that preloads the ASan runtime.
+# ---------------------------------------------------------------------------------------------------
+def _asan_env() -> dict[str, str]:
+    runtime = cuda_emulate.asan_runtime()
+    if runtime is None:
+        pytest.skip("the compiler ships no AddressSanitizer runtime")
+    return dict(os.environ, CONCEPT_EXT_EMU_ASAN="1", LD_PRELOAD=runtime,
+                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1", PYTHONPATH=str(ROOT))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_emulate.asan_requested(), reason="this process is the AddressSanitizer run")
+def test_kernels_under_address_sanitizer():
+    """Every kernel test of this module again, with each kernel access checked against its tensor's bounds."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "not thread_order and not address_sanitizer"],
+                       env=_asan_env(), capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout[-3000:] + r.stderr[-6000:])
+    assert "passed" in r.stdout and "failed" not in r.stdout
+
+
+@pytest.mark.skipif(cuda_emulate.asan_requested(), reason="this process is the AddressSanitizer run")
+def test_address_sanitizer_catches_an_out_of_bounds_read():
+    """The control of the test above: one read one element past a tensor is reported."""
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tools')!r}); import cuda_emulate; "
+            f"torch.ops.load_library(str(cuda_emulate.build_extra({str(ROOT / 'tests' / 'cuda_emu_faults.cu')!r}, "
+            f"'concept_ext_emu_faults'))); "
+            f"print(torch.ops.concept_ext_emu_faults.block_sum(torch.randn(300, dtype=torch.float64), 4))")
+    r = subprocess.run([sys.executable, "-c", code], env=_asan_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-4000:]
+    assert "block_sum_kernel" in r.stderr  # the report names the kernel

@@ -151,19 +151,52 @@ def _flags() -> tuple[list[str], list[str]]:
     return cxx, link
 
 
-def build(jobs: int = 2, verbose: bool = False) -> Path:
-    """Translate and compile csrc/cuda; returns the shared library (rebuilt only when a source changed)."""
-    return _build(_sources(), NAMESPACE, jobs, verbose)
+def asan_requested() -> bool:
+    """True when ``CONCEPT_EXT_EMU_ASAN=1``: build and load the AddressSanitizer variant."""
+    return os.environ.get("CONCEPT_EXT_EMU_ASAN", "0") == "1"
 
 
-def build_extra(src: Path, name: str, jobs: int = 2) -> Path:
+def asan_runtime() -> str | None:
+    """The LD_PRELOAD value that runs the ASan variant in an uninstrumented Python; None if unavailable.
+
+    libstdc++ is preloaded too: ASan resolves its ``__cxa_throw`` interceptor at start-up, and an
+    exception thrown from the library (every clear error) aborts the process when libstdc++ was not
+    loaded by then."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        return None
+    libs = []
+    for name in ("libasan.so", "libstdc++.so.6"):
+        r = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True)
+        path = r.stdout.strip()
+        if r.returncode != 0 or not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        libs.append(os.path.realpath(path))
+    return " ".join(libs)
+
+
+def build(jobs: int = 2, verbose: bool = False, asan: bool | None = None) -> Path:
+    """Translate and compile csrc/cuda; returns the shared library (rebuilt only when a source changed).
+
+    ``asan`` (default: ``asan_requested()``) compiles with AddressSanitizer, the stand-in for
+    compute-sanitizer's memcheck: every kernel load and store outside a tensor's allocation is reported.
+    The library must then be loaded into a process started with the ASan runtime preloaded."""
+    asan = asan_requested() if asan is None else asan
+    return _build(_sources(), NAMESPACE + ("_asan" if asan else ""), jobs, verbose, asan)
+
+
+def build_extra(src: Path, name: str, jobs: int = 2, asan: bool | None = None) -> Path:
     """Emulator build of one stand-alone ``.cu`` file (it registers its own ops); used by the tests of
     the emulator itself."""
-    return _build([Path(src)], name, jobs, False)
+    asan = asan_requested() if asan is None else asan
+    return _build([Path(src)], name + ("_asan" if asan else ""), jobs, False, asan)
 
 
-def _build(sources: list[Path], name: str, jobs: int, verbose: bool) -> Path:
+def _build(sources: list[Path], name: str, jobs: int, verbose: bool, asan: bool = False) -> Path:
     cxx, link = _flags()
+    if asan:
+        cxx = cxx + ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        link = link + ["-fsanitize=address"]
     lib = BUILD_DIR / f"{name}-{_fingerprint(cxx + link + [str(s) for s in sources], sources)}.so"
     if lib.exists():
         return lib
@@ -238,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--asan", action="store_true", help="the AddressSanitizer variant")
     a = p.parse_args(argv)
-    print(build(jobs=a.jobs, verbose=a.verbose))
+    print(build(jobs=a.jobs, verbose=a.verbose, asan=a.asan or None))
     return 0
 
 

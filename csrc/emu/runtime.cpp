@@ -3,6 +3,13 @@
 
 #include <ucontext.h>
 
+// Under AddressSanitizer (tools/cuda_emulate.py --asan) every stack switch is announced, so that ASan
+// tracks which stack is live and checks the kernels' memory accesses without false stack reports.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -58,6 +65,8 @@ enum class State { Runnable, AtBlock, AtWarp, Done };
 struct Fiber {
   ucontext_t ctx;  // the portable path
   void* sp = nullptr;  // the x86-64 path: saved stack pointer
+  char* stack = nullptr;
+  void* fake_stack = nullptr;  // ASan's bookkeeping while the fiber is switched out
   uint3 tid;
   int lane = 0, warp = 0;
   State state = State::Done;
@@ -76,6 +85,9 @@ struct Scheduler {
   std::vector<int> order;
   ucontext_t main_ctx;
   void* main_sp = nullptr;
+  void* main_fake_stack = nullptr;
+  const void* main_bottom = nullptr;  // the scheduler's stack, learnt by ASan on the first switch
+  size_t main_size = 0;
   Fiber* cur = nullptr;
   uint3 block{0, 0, 0};
   dim3 block_dim, grid_dim;
@@ -91,37 +103,54 @@ Scheduler g;
 thread_local cudaError_t g_last_error = cudaSuccess;
 
 // From the running fiber back to the scheduler, and from the scheduler into fiber f.
-void to_main(Fiber* f) {
+void to_main(Fiber* f, bool exiting = false) {
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &f->fake_stack, g.main_bottom, g.main_size);
+#endif
 #ifdef EMU_FAST_SWITCH
   emu_swap_stack(&f->sp, g.main_sp);
 #else
   swapcontext(&f->ctx, &g.main_ctx);
 #endif
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(f->fake_stack, nullptr, nullptr);
+#endif
 }
 
 void to_fiber(Fiber* f) {
   g.cur = f;
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(&g.main_fake_stack, f->stack, kStackBytes);
+#endif
 #ifdef EMU_FAST_SWITCH
   emu_swap_stack(&g.main_sp, f->sp);
 #else
   swapcontext(&g.main_ctx, &f->ctx);
 #endif
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(g.main_fake_stack, nullptr, nullptr);
+#endif
 }
 
 void fiber_entry() {
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g.main_bottom, &g.main_size);
+#endif
   try {
     g.body(g.body_ctx);
   } catch (const std::exception& e) {
     if (g.fiber_error.empty()) g.fiber_error = e.what();
   }
   g.cur->state = State::Done;
-  to_main(g.cur);
+  to_main(g.cur, /*exiting=*/true);
   std::abort();  // a finished fiber is never resumed
 }
 
 // A fresh fiber's stack: what emu_swap_stack pops (FP control words, six registers) and then `ret`s
 // into fiber_entry, with the stack aligned as if fiber_entry had been called.
 void init_fiber(Fiber& f, char* stack) {
+  f.stack = stack;
+  f.fake_stack = nullptr;
 #ifdef EMU_FAST_SWITCH
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~uintptr_t(15);
   uint64_t* sp = reinterpret_cast<uint64_t*>(top);
