@@ -122,6 +122,38 @@ def _all_ops(g: torch.Generator) -> dict[str, tuple]:
     return out
 
 
+@pytest.mark.parametrize("bad_id", [12, -1])
+def test_device_side_index_checks(bad_id):
+    """The kernels' own range checks: on a GPU they guard the calls that skip the wrappers' host-side check
+    (concept_ext.unchecked(), CUDA-graph capture, torch.compile). Every op that reads ids stops with a
+    message naming the bad id instead of reading or writing out of bounds."""
+    g = torch.Generator().manual_seed(3)
+    values, indices = _cuda._code(8, 3, 12, torch.float32, g)  # values[:, :2] > 0, values[:, 2] = 0
+    W, b = torch.randn(12, 5, generator=g), torch.randn(5, generator=g)
+    bad = indices.clone()
+    bad[3, 1] = bad_id
+    x, W_enc = torch.randn(8, 5, generator=g), torch.randn(5, 12, generator=g)
+    keep = torch.tensor([0, 1])
+    calls = {
+        "sparse_decode": lambda: E.sparse_decode(values, bad, W, b),
+        "sparse_decode_backward": lambda: E.sparse_decode_backward(torch.randn(8, 5), values, bad, W),
+        "topk_encode_backward": lambda: E.topk_encode_backward(torch.randn(8, 3), values, bad, x, W_enc),
+        "activation_rate_loss": lambda: E.activation_rate_loss(values, bad, 12, 0.5),
+        "activation_rate_loss_backward": lambda: E.activation_rate_loss_backward(torch.tensor(1.0), values, bad, 12, 0.5),
+        "ablate_decode": lambda: E.ablate_decode(values, bad, W, b, keep, None),
+        "ablate_decode_padded": lambda: E.ablate_decode_padded(values, bad, W, b, keep, None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"indices out of range: {bad_id} not in \[0, 12\)"):
+            call()
+    bad_keep = torch.tensor([0, bad_id if bad_id < 0 else 12])
+    for op in (E.ablate_decode, E.ablate_decode_padded):
+        with pytest.raises(RuntimeError, match=r"keep out of range: -?\d+ not in \[0, 12\)"):
+            op(values, indices, W, b, bad_keep, None)
+    # and the emulated kernels still work afterwards
+    torch.testing.assert_close(E.sparse_decode(values, indices, W, b), ref.sparse_decode(values, indices, W, b))
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_results_do_not_depend_on_thread_order(order, monkeypatch):
     """Between two barriers the emulator runs threads in one order; a kernel whose result depends on that

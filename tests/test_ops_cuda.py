@@ -9,6 +9,12 @@ capture of the training ops.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -360,6 +366,30 @@ def test_out_of_range_indices_raise_on_cuda():
         concept_ext.ablate_decode(values, indices, W, b, torch.tensor([0, 12], device=DEV))
     torch.cuda.synchronize()  # and the context is still healthy
 
+
+
+def test_device_side_index_check_stops_unchecked_calls():
+    """Under concept_ext.unchecked() the wrappers skip their range check (a host synchronisation), so the
+    kernel's own check must stop the launch instead of reading out of bounds. The CUDA context is not
+    usable after a trap, so the call runs in a child process."""
+    code = textwrap.dedent("""
+        import torch, concept_ext
+        v = torch.rand(8, 3, device="cuda") + 0.1
+        i = torch.randint(0, 12, (8, 3), device="cuda")
+        i[3, 1] = 12
+        W, b = torch.randn(12, 5, device="cuda"), torch.randn(5, device="cuda")
+        with concept_ext.unchecked():
+            concept_ext.sparse_decode(v, i, W, b)
+        torch.cuda.synchronize()
+        print("NO ERROR")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "NO ERROR" not in out, out[-3000:]
+    # The kernel's printf names the id; the launch error is the trap's.
+    assert "indices out of range: 12 not in [0, 12)" in out or "illegal instruction" in out or \
+        "unspecified launch failure" in out, out[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------

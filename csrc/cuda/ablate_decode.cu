@@ -30,15 +30,18 @@ using namespace cuda;
 
 constexpr double kRescaleEps = 1e-9;  // reference.RESCALE_EPS
 
-__global__ void keep_pos_kernel(const int64_t* __restrict__ keep, int64_t f, int32_t* __restrict__ pos) {
+__global__ void keep_pos_kernel(const int64_t* __restrict__ keep, int64_t f, int64_t m, int32_t* __restrict__ pos) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
-  if (c < f) pos[keep[c]] = static_cast<int32_t>(c);
+  if (c < f) {
+    CONCEPT_EXT_DEVICE_CHECK_INDEX(keep[c], m, "keep");
+    pos[keep[c]] = static_cast<int32_t>(c);
+  }
 }
 
 template <typename T, typename I>
 __global__ void base_kernel(const T* __restrict__ values, const I* __restrict__ indices,
                             const int32_t* __restrict__ pos, const T* __restrict__ W, const T* __restrict__ b,
-                            acc_t<T>* __restrict__ base, int64_t k, int64_t d) {
+                            acc_t<T>* __restrict__ base, int64_t k, int64_t d, int64_t m) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kBlock + threadIdx.x;
@@ -46,9 +49,18 @@ __global__ void base_kernel(const T* __restrict__ values, const I* __restrict__ 
   A acc = static_cast<A>(b[c]);
   for (int64_t j = 0; j < k; ++j) {
     const int64_t l = static_cast<int64_t>(indices[row * k + j]);
+    CONCEPT_EXT_DEVICE_CHECK_INDEX(l, m, "indices");
     if (pos[l] >= 0) acc += static_cast<A>(values[row * k + j]) * static_cast<A>(W[l * d + c]);
   }
   base[row * d + c] = acc;
+}
+
+// Every id of the row is in range before any thread looks one up in `pos` (the pair tests read other
+// threads' entries); a failing thread traps before the barrier, so nobody passes it.
+template <typename I>
+__device__ __forceinline__ void check_row(const I* idx, int64_t k, int64_t m) {
+  for (int64_t j = threadIdx.x; j < k; j += kBlock) CONCEPT_EXT_DEVICE_CHECK_INDEX(idx[j], m, "indices");
+  __syncthreads();
 }
 
 // Is entry j of this row the representative of its (row, concept) pair?
@@ -63,10 +75,12 @@ __device__ __forceinline__ bool is_rep(const T* v, const I* idx, const int32_t* 
 
 template <typename T, typename I>
 __global__ void count_kernel(const T* __restrict__ values, const I* __restrict__ indices,
-                             const int32_t* __restrict__ pos, int32_t* __restrict__ counts, int64_t k) {
+                             const int32_t* __restrict__ pos, int32_t* __restrict__ counts, int64_t k,
+                             int64_t m) {
   __shared__ int red[kWarps];
   const T* v = values + static_cast<int64_t>(blockIdx.x) * k;
   const I* idx = indices + static_cast<int64_t>(blockIdx.x) * k;
+  check_row(idx, k, m);
   int n = 0;
   for (int64_t j = threadIdx.x; j < k; j += kBlock) n += is_rep(v, idx, pos, j) ? 1 : 0;
   n = block_sum(n, red);
@@ -80,11 +94,12 @@ template <typename T, typename I>
 __global__ void fill_kernel(const T* __restrict__ values, const I* __restrict__ indices,
                             const int32_t* __restrict__ pos, const int64_t* __restrict__ offsets,
                             int64_t* __restrict__ pair_row, int64_t* __restrict__ pair_concept,
-                            acc_t<T>* __restrict__ coef, int64_t k) {
+                            acc_t<T>* __restrict__ coef, int64_t k, int64_t m) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const T* v = values + row * k;
   const I* idx = indices + row * k;
+  check_row(idx, k, m);
   for (int64_t j = threadIdx.x; j < k; j += kBlock) {
     if (!is_rep(v, idx, pos, j)) {
       if (offsets == nullptr) {
@@ -186,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Ten
   Tensor pos = torch::stable::new_empty(v, {m}, std::optional<ScalarType>(ScalarType::Int));
   torch::stable::fill_(pos, -1.0);
   if (f > 0) {
-    keep_pos_kernel<<<static_cast<unsigned>(ceil_div(f, kBlock)), kBlock, 0, stream>>>(ptr<int64_t>(kp), f,
+    keep_pos_kernel<<<static_cast<unsigned>(ceil_div(f, kBlock)), kBlock, 0, stream>>>(ptr<int64_t>(kp), f, m,
                                                                                        ptr<int32_t>(pos));
     CONCEPT_EXT_CHECK_LAUNCH("ablate_decode (keep)");
   }
@@ -197,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Ten
         dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
         base_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
             ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<scalar_t>(w), ptr<scalar_t>(b),
-            ptr<acc_t<scalar_t>>(base), k, d);
+            ptr<acc_t<scalar_t>>(base), k, d, m);
       }
     });
   });
@@ -211,7 +226,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Ten
     CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "ablate_decode", [&] {
       CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
         count_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
-            ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int32_t>(counts), k);
+            ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), ptr<int32_t>(counts), k, m);
       });
     });
     exclusive_scan_kernel<int32_t><<<1, kBlock, 0, stream>>>(ptr<int32_t>(counts), ptr<int64_t>(offsets), n);
@@ -232,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ablate_decode_impl(Tensor values, Ten
       CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "ablate_decode", [&] {
         fill_kernel<scalar_t, index_t><<<static_cast<unsigned>(n), kBlock, 0, stream>>>(
             ptr<scalar_t>(v), ptr<index_t>(idx), ptr<int32_t>(pos), padded ? nullptr : ptr<int64_t>(offsets),
-            ptr<int64_t>(pair_row), ptr<int64_t>(pair_concept), ptr<A>(coef), k);
+            ptr<int64_t>(pair_row), ptr<int64_t>(pair_concept), ptr<A>(coef), k, m);
       });
     }
     if (d > 0) {

@@ -29,9 +29,13 @@ int64_t m_keep_of(int64_t n, double rate) {
 
 template <typename T, typename I>
 __global__ void count_kernel(const T* __restrict__ values, const I* __restrict__ indices, int64_t total,
-                             int32_t* __restrict__ counts) {
+                             int32_t* __restrict__ counts, int64_t n_latents) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
-  if (e < total && static_cast<acc_t<T>>(values[e]) > acc_t<T>(0)) atomicAdd(counts + indices[e], 1);
+  if (e < total && static_cast<acc_t<T>>(values[e]) > acc_t<T>(0)) {
+    // The bucket pass below reads the same (active) entries after this kernel: one check covers both.
+    CONCEPT_EXT_DEVICE_CHECK_INDEX(indices[e], n_latents, "indices");
+    atomicAdd(counts + indices[e], 1);
+  }
 }
 
 template <typename T, typename I>
@@ -140,7 +144,8 @@ Tensor top_mask(const Tensor& v, const Tensor& idx, int64_t n_latents, double ra
   CONCEPT_EXT_DISPATCH_FLOATING(v.scalar_type(), "activation_rate_loss", [&] {
     CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "activation_rate_loss", [&] {
       count_kernel<scalar_t, index_t>
-          <<<blocks, kBlock, 0, stream>>>(ptr<scalar_t>(v), ptr<index_t>(idx), total, ptr<int32_t>(counts));
+          <<<blocks, kBlock, 0, stream>>>(ptr<scalar_t>(v), ptr<index_t>(idx), total, ptr<int32_t>(counts),
+                                          n_latents);
       exclusive_scan_kernel<int32_t><<<1, kBlock, 0, stream>>>(ptr<int32_t>(counts), ptr<int64_t>(starts),
                                                                n_latents);
       bucket_kernel<scalar_t, index_t><<<blocks, kBlock, 0, stream>>>(

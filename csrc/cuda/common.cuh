@@ -12,6 +12,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <optional>
 
 #include "concept_ext/checks.h"
@@ -40,6 +41,29 @@ inline cudaStream_t current_stream(const Tensor& t) {
     cudaError_t err_ = cudaGetLastError();                                                   \
     STD_TORCH_CHECK(err_ == cudaSuccess, NAME, ": CUDA launch failed: ", cudaGetErrorString(err_)); \
   } while (0)
+
+// Device-side range check of an id that indexes a table of `bound` rows. The Python wrappers check every
+// id before a launch, but that check is a host synchronisation, so it is skipped under CUDA-graph capture,
+// torch.compile and concept_ext.unchecked(); this guard keeps a bad id there from becoming an invalid
+// read or write. The kernel prints what was wrong and traps, so the launch fails (and, as after PyTorch's
+// own device-side asserts, the CUDA context is unusable afterwards). One compare per id read.
+#ifdef CONCEPT_EXT_EMULATE
+#define CONCEPT_EXT_DEVICE_CHECK_INDEX(I, BOUND, WHAT)                                                   \
+  do {                                                                                                 \
+    const long long i_ = static_cast<long long>(I), b_ = static_cast<long long>(BOUND);               \
+    if (!(i_ >= 0 && i_ < b_)) ::emu::device_fail(WHAT, i_, b_);                                       \
+  } while (0)
+#else
+#define CONCEPT_EXT_DEVICE_CHECK_INDEX(I, BOUND, WHAT)                                                   \
+  do {                                                                                                 \
+    const long long i_ = static_cast<long long>(I), b_ = static_cast<long long>(BOUND);               \
+    if (!(i_ >= 0 && i_ < b_)) {                                                                       \
+      printf("concept_ext: %s out of range: %lld not in [0, %lld) (block %u, thread %u)\n", WHAT, i_, b_, \
+             blockIdx.x, threadIdx.x);                                                                 \
+      __trap();                                                                                        \
+    }                                                                                                  \
+  } while (0)
+#endif
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

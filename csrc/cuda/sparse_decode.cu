@@ -33,7 +33,7 @@ struct Vec<float, 4> {
 template <typename T, typename I, int VEC>
 __global__ void decode_kernel(const T* __restrict__ values, const I* __restrict__ indices,
                               const T* __restrict__ W, const T* __restrict__ b, T* __restrict__ out,
-                              int64_t k, int64_t d) {
+                              int64_t k, int64_t d, int64_t m) {
   using A = acc_t<T>;
   __shared__ A s_val[kBlock];
   __shared__ int64_t s_idx[kBlock];
@@ -49,6 +49,7 @@ __global__ void decode_kernel(const T* __restrict__ values, const I* __restrict_
     if (threadIdx.x < n) {
       s_val[threadIdx.x] = static_cast<A>(values[row * k + j0 + threadIdx.x]);
       s_idx[threadIdx.x] = static_cast<int64_t>(indices[row * k + j0 + threadIdx.x]);
+      CONCEPT_EXT_DEVICE_CHECK_INDEX(s_idx[threadIdx.x], m, "indices");
     }
     __syncthreads();
     if (live) {
@@ -70,12 +71,13 @@ __global__ void decode_kernel(const T* __restrict__ values, const I* __restrict_
 template <typename T, typename I>
 __global__ void grad_values_kernel(const T* __restrict__ grad_out, const I* __restrict__ indices,
                                    const T* __restrict__ W, T* __restrict__ grad_values, int64_t pairs,
-                                   int64_t k, int64_t d) {
+                                   int64_t k, int64_t d, int64_t m) {
   using A = acc_t<T>;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (p >= pairs) return;
   const T* g = grad_out + (p / k) * d;
+  CONCEPT_EXT_DEVICE_CHECK_INDEX(indices[p], m, "indices");
   const T* w = W + static_cast<int64_t>(indices[p]) * d;
   A acc = 0;
   for (int64_t c = lane; c < d; c += 32) acc += static_cast<A>(g[c]) * static_cast<A>(w[c]);
@@ -87,7 +89,7 @@ __global__ void grad_values_kernel(const T* __restrict__ grad_out, const I* __re
 template <typename T, typename I>
 __global__ void grad_w_kernel(const T* __restrict__ grad_out, const T* __restrict__ values,
                               const I* __restrict__ indices, acc_t<T>* __restrict__ grad_w, int64_t k,
-                              int64_t d) {
+                              int64_t d, int64_t m) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kBlock + threadIdx.x;
@@ -95,7 +97,10 @@ __global__ void grad_w_kernel(const T* __restrict__ grad_out, const T* __restric
   const A g = static_cast<A>(grad_out[row * d + c]);
   for (int64_t j = 0; j < k; ++j) {
     const A v = static_cast<A>(values[row * k + j]);
-    if (v != A(0)) atomicAdd(grad_w + static_cast<int64_t>(indices[row * k + j]) * d + c, v * g);
+    if (v == A(0)) continue;
+    const int64_t l = static_cast<int64_t>(indices[row * k + j]);
+    CONCEPT_EXT_DEVICE_CHECK_INDEX(l, m, "indices");
+    atomicAdd(grad_w + l * d + c, v * g);
   }
 }
 
@@ -122,7 +127,7 @@ Tensor sparse_decode_cuda(Tensor values, Tensor indices, Tensor W_dec, Tensor b_
   check_size(b_dec, 0, W_dec.size(1), "b_dec");
   check_same_device(values, b_dec, "values", "b_dec");
   torch::stable::accelerator::DeviceGuard guard(values.get_device_index());
-  const int64_t n = values.size(0), k = values.size(1), d = W_dec.size(1);
+  const int64_t n = values.size(0), k = values.size(1), m = W_dec.size(0), d = W_dec.size(1);
   Tensor out = torch::stable::new_empty(W_dec, {n, d});
   if (n == 0 || d == 0) return out;
   Tensor v = contig(values), idx = contig(indices), w = contig(W_dec), b = contig(b_dec);
@@ -134,13 +139,13 @@ Tensor sparse_decode_cuda(Tensor values, Tensor indices, Tensor W_dec, Tensor b_
         if (d % 4 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0) {
           dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock * 4)));
           decode_kernel<float, index_t, 4><<<grid, kBlock, 0, stream>>>(
-              ptr<float>(v), ptr<index_t>(idx), ptr<float>(w), ptr<float>(b), ptr<float>(out), k, d);
+              ptr<float>(v), ptr<index_t>(idx), ptr<float>(w), ptr<float>(b), ptr<float>(out), k, d, m);
           return;
         }
       }
       dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
       decode_kernel<scalar_t, index_t, 1><<<grid, kBlock, 0, stream>>>(
-          ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(w), ptr<scalar_t>(b), ptr<scalar_t>(out), k, d);
+          ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(w), ptr<scalar_t>(b), ptr<scalar_t>(out), k, d, m);
     });
   });
   CONCEPT_EXT_CHECK_LAUNCH("sparse_decode");
@@ -169,11 +174,11 @@ std::tuple<Tensor, Tensor> sparse_decode_backward_cuda(Tensor grad_out, Tensor v
         const int64_t pairs = n * k;
         grad_values_kernel<scalar_t, index_t><<<static_cast<unsigned>(ceil_div(pairs, kWarps)), kBlock, 0,
                                                 stream>>>(ptr<scalar_t>(g), ptr<index_t>(idx), ptr<scalar_t>(w),
-                                                          ptr<scalar_t>(grad_values), pairs, k, d);
+                                                          ptr<scalar_t>(grad_values), pairs, k, d, m);
         CONCEPT_EXT_CHECK_LAUNCH("sparse_decode_backward (grad_values)");
         dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
         grad_w_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<acc_t<scalar_t>>(grad_w), k, d);
+            ptr<scalar_t>(g), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<acc_t<scalar_t>>(grad_w), k, d, m);
         CONCEPT_EXT_CHECK_LAUNCH("sparse_decode_backward (grad_W_dec)");
       });
     });

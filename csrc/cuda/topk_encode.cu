@@ -143,7 +143,7 @@ __global__ void topk_backward_kernel(const T* __restrict__ grad_values, const T*
                                      const I* __restrict__ indices, const T* __restrict__ x,
                                      const T* __restrict__ w_t,  // [m, d]
                                      T* __restrict__ grad_x, acc_t<T>* __restrict__ grad_w_t,  // [m, d]
-                                     acc_t<T>* __restrict__ grad_b, int64_t k, int64_t d) {
+                                     acc_t<T>* __restrict__ grad_b, int64_t k, int64_t d, int64_t m) {
   using A = acc_t<T>;
   __shared__ A s_g[kBlock];
   __shared__ int64_t s_idx[kBlock];
@@ -161,6 +161,7 @@ __global__ void topk_backward_kernel(const T* __restrict__ grad_values, const T*
       const A g = static_cast<A>(values[e]) > A(0) ? static_cast<A>(grad_values[e]) : A(0);
       s_g[threadIdx.x] = g;
       s_idx[threadIdx.x] = static_cast<int64_t>(indices[e]);
+      CONCEPT_EXT_DEVICE_CHECK_INDEX(s_idx[threadIdx.x], m, "indices");
       if (blockIdx.y == 0 && g != A(0)) atomicAdd(grad_b + s_idx[threadIdx.x], g);
     }
     __syncthreads();
@@ -259,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values,
       CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "topk_encode_backward", [&] {
         topk_backward_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
             ptr<scalar_t>(gv), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(xc), ptr<scalar_t>(w_t),
-            ptr<scalar_t>(grad_x), ptr<acc_t<scalar_t>>(grad_w_t), ptr<acc_t<scalar_t>>(grad_b), k, d);
+            ptr<scalar_t>(grad_x), ptr<acc_t<scalar_t>>(grad_w_t), ptr<acc_t<scalar_t>>(grad_b), k, d, m);
       });
     });
     CONCEPT_EXT_CHECK_LAUNCH("topk_encode_backward");

@@ -108,6 +108,10 @@ void launch(const char* name, void (*kernel)(P...), const Config& cfg, A&&... ar
   }, &ctx);
 }
 
+// A device-side check failed (CONCEPT_EXT_DEVICE_CHECK_INDEX): where a GPU traps, the emulated thread
+// throws, and the launch fails with this message.
+[[noreturn]] void device_fail(const char* what, long long value, long long bound);
+
 // Host-side stand-ins for the CUDA-only parts of the host code (tools/cuda_emulate.py rewrites to these).
 struct DeviceGuard {
   explicit DeviceGuard(int) {}

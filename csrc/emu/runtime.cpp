@@ -6,6 +6,7 @@
 // Under AddressSanitizer (tools/cuda_emulate.py --asan) every stack switch is announced, so that ASan
 // tracks which stack is live and checks the kernels' memory accesses without false stack reports.
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
 #endif
@@ -151,6 +152,11 @@ void fiber_entry() {
 void init_fiber(Fiber& f, char* stack) {
   f.stack = stack;
   f.fake_stack = nullptr;
+#ifdef EMU_ASAN
+  // A stack is reused by the next block; frames a fiber left without returning (a thread that threw, a
+  // block abandoned on a divergence error) must not leave their red zones behind.
+  __asan_unpoison_memory_region(stack, kStackBytes);
+#endif
 #ifdef EMU_FAST_SWITCH
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~uintptr_t(15);
   uint64_t* sp = reinterpret_cast<uint64_t*>(top);
@@ -340,6 +346,11 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, void (*body)(void*), vo
         g.block = uint3{x, y, z};
         run_block(kernel);
       }
+}
+
+void device_fail(const char* what, long long value, long long bound) {
+  throw std::runtime_error(std::string("concept_ext: ") + what + " out of range: " + std::to_string(value) +
+                           " not in [0, " + std::to_string(bound) + ")");
 }
 
 int current_stream_shim(int32_t, void** ret_stream) {
