@@ -139,6 +139,19 @@ def encode_impls(w, x, k, compiled):
     return impls, check
 
 
+def deterministic(fn):
+    """``fn`` run under ``torch.use_deterministic_algorithms(True)``: the custom ops' weight gradients then
+    come from the sorted bucket reduction instead of atomics (bitwise reproducible; this row prices that)."""
+    def run():
+        prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return fn()
+        finally:
+            torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+    return run
+
+
 def decode_impls(w, vals, idx, gout, m, compiled):
     W = w.W_dec.clone().requires_grad_(True)
     v = vals.clone().requires_grad_(True)
@@ -154,6 +167,7 @@ def decode_impls(w, vals, idx, gout, m, compiled):
     dense = lambda: torch.zeros(idx.shape[0], m, device=v.device).scatter(1, idx, v) @ W + w.b_dec  # noqa: E731
     impls = {"ours": fwd_bwd(lambda: concept_ext.sparse_decode(v, idx, W, w.b_dec)), "eager": fwd_bwd(bag),
              "eager_dense": fwd_bwd(dense)}
+    impls["ours_deterministic"] = deterministic(impls["ours"])
     if compiled:
         impls["compile"] = fwd_bwd(torch.compile(bag))
     if not peers.missing_reason("sparsify"):
@@ -218,7 +232,7 @@ def train_impls(w, x, k, compiled):
             return sae.W_dec.grad
         return run
 
-    impls = {"ours": ours, "eager": step(eager_loss)}
+    impls = {"ours": ours, "ours_deterministic": deterministic(ours), "eager": step(eager_loss)}
     if compiled:
         impls["compile"] = step(torch.compile(eager_loss))
     ref_grad = None

@@ -39,13 +39,13 @@ _lib = torch.library.Library("concept_ext", "FRAGMENT")
 _SCHEMAS = {
     "topk_encode": "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, int k) -> (Tensor, Tensor)",
     "topk_encode_backward": (
-        "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, Tensor W_enc)"
-        " -> (Tensor, Tensor, Tensor)"
+        "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, Tensor W_enc,"
+        " bool deterministic=False) -> (Tensor, Tensor, Tensor)"
     ),
     "sparse_decode": "sparse_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec) -> Tensor",
     "sparse_decode_backward": (
-        "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec)"
-        " -> (Tensor, Tensor)"
+        "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec,"
+        " bool deterministic=False) -> (Tensor, Tensor)"
     ),
     "activation_rate_loss": (
         "activation_rate_loss(Tensor values, Tensor indices, int n_latents, float rate) -> Tensor"
@@ -87,7 +87,7 @@ def _topk_encode_fake(x, W_enc, b_enc, k):
 
 
 @torch.library.register_fake("concept_ext::topk_encode_backward")
-def _topk_encode_backward_fake(grad_values, values, indices, x, W_enc):
+def _topk_encode_backward_fake(grad_values, values, indices, x, W_enc, deterministic=False):
     return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty((W_enc.shape[1],))
 
 
@@ -98,7 +98,7 @@ def _sparse_decode_fake(values, indices, W_dec, b_dec):
 
 
 @torch.library.register_fake("concept_ext::sparse_decode_backward")
-def _sparse_decode_backward_fake(grad_out, values, indices, W_dec):
+def _sparse_decode_backward_fake(grad_out, values, indices, W_dec, deterministic=False):
     return torch.empty_like(values), torch.empty_like(W_dec)
 
 
@@ -150,8 +150,10 @@ def _topk_encode_bwd(ctx, grad_values, _grad_indices):
     values, indices, x, W_enc = ctx.saved_tensors
     if grad_values is None:
         return None, None, None, None
+    # Under torch.use_deterministic_algorithms(True) the CUDA kernel reduces the weight gradients in a
+    # fixed order instead of with atomics (the CPU kernel always does).
     gx, gw, gb = torch.ops.concept_ext.topk_encode_backward(
-        grad_values.contiguous(), values, indices, x, W_enc
+        grad_values.contiguous(), values, indices, x, W_enc, torch.are_deterministic_algorithms_enabled()
     )
     need = ctx.needs_input_grad
     return (gx if need[0] else None), (gw if need[1] else None), (gb if need[2] else None), None
@@ -173,7 +175,7 @@ def _sparse_decode_bwd(ctx, grad_out):
     grad_values = grad_w = grad_b = None
     if need[0] or need[2]:
         grad_values, grad_w = torch.ops.concept_ext.sparse_decode_backward(
-            grad_out.contiguous(), values, indices, W_dec
+            grad_out.contiguous(), values, indices, W_dec, torch.are_deterministic_algorithms_enabled()
         )
     if need[3]:
         grad_b = grad_out.sum(0)

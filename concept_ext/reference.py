@@ -103,8 +103,12 @@ def topk_encode_backward(
     indices: Tensor,  # [N, k]
     x: Tensor,  # [N, d]
     W_enc: Tensor,  # [d, m]
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`topk_encode` w.r.t. ``x``, ``W_enc`` and ``b_enc``.
+
+    ``deterministic`` asks the CUDA kernel for a fixed summation order; it does not change the result
+    beyond rounding, and this reference ignores it.
 
     Only the k selected pre-activations per row receive gradient, and only where the ReLU passed
     (``values > 0``). ``grad_W_enc[:, j] = sum_{(i, r): indices[i, r] = j} g[i, r] * x[i]`` is a
@@ -155,8 +159,12 @@ def sparse_decode_backward(
     values: Tensor,  # [N, k]
     indices: Tensor,  # [N, k]
     W_dec: Tensor,  # [m, d]
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`sparse_decode` w.r.t. ``values`` and ``W_dec``.
+
+    ``deterministic`` asks the CUDA kernel for a fixed summation order (ignored here, see
+    :func:`topk_encode_backward`).
 
     ``grad_values[i, j] = <grad_out[i], W_dec[indices[i, j]]>`` and
     ``grad_W_dec[l] = sum_{(i, j): indices[i, j] = l} values[i, j] * grad_out[i]`` (a scatter by

@@ -102,6 +102,32 @@ def test_bfloat16_weights_form():
         _cuda._close(a, e, e.dtype, scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", _cuda.DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("n,k,m,d", [(0, 3, 10, 8), (1, 1, 5, 7), (37, 6, 50, 33), (9, 300, 700, 37),
+                                     (300, 3, 3, 20), (6, 3, 10, 0)])
+def test_deterministic_backward(n, k, m, d, index_dtype, dtype):
+    """The bucketed, sorted weight-gradient reduction (torch.use_deterministic_algorithms(True)) against the
+    reference: odd sizes, k over one tile, latents hit by a hundred rows (m = 3), d = 0, an empty batch."""
+    g = torch.Generator().manual_seed(n + k + m + d)
+    values, indices = _cuda._code(n, k, m, dtype, g, index_dtype=index_dtype)
+    if n > 2 and k > 1:
+        values[1, 0] = -0.5  # the ReLU blocks this entry's encoder gradient; the decoder still uses it
+    x, W_enc = _cuda._randn(n, d, dtype=dtype, g=g), _cuda._randn(d, m, dtype=dtype, g=g)
+    gv = _cuda._randn(n, k, dtype=dtype, g=g)
+    got = E.topk_encode_backward(gv, values, indices, x, W_enc, True)
+    want = ref.topk_encode_backward(gv, values, indices.long(), x, W_enc)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        _cuda._close(a, e, dtype, scale=float(n) ** 0.5 + 4)
+    W_dec, grad_out = _cuda._randn(m, d, dtype=dtype, g=g), _cuda._randn(n, d, dtype=dtype, g=g)
+    got = E.sparse_decode_backward(grad_out, values, indices, W_dec, True)
+    want = ref.sparse_decode_backward(grad_out, values, indices.long(), W_dec)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        _cuda._close(a, e, dtype, scale=float(max(n, d)) ** 0.5 + 4)
+
+
 def _all_ops(g: torch.Generator) -> dict[str, tuple]:
     """One call of every op on shared random inputs; outputs keyed by op."""
     n, d, m, k = 70, 33, 600, 24
@@ -113,7 +139,10 @@ def _all_ops(g: torch.Generator) -> dict[str, tuple]:
     gv = torch.randn(n, k, generator=g)
     out["encode_backward"] = E.topk_encode_backward(gv, v, i, x, W)
     out["decode"] = (E.sparse_decode(v, i, Wd, bd),)
-    out["decode_backward"] = E.sparse_decode_backward(torch.randn(n, d, generator=g), v, i, Wd)
+    grad_out = torch.randn(n, d, generator=g)
+    out["decode_backward"] = E.sparse_decode_backward(grad_out, v, i, Wd)
+    out["encode_backward_deterministic"] = E.topk_encode_backward(gv, v, i, x, W, True)
+    out["decode_backward_deterministic"] = E.sparse_decode_backward(grad_out, v, i, Wd, True)
     out["rate"] = (E.activation_rate_loss(v, i, m, 0.1),)
     out["rate_backward"] = (E.activation_rate_loss_backward(torch.tensor(1.0), v, i, m, 0.1),)
     keep = torch.randperm(m, generator=g)[:200]
@@ -158,8 +187,9 @@ def test_device_side_index_checks(bad_id):
 def test_results_do_not_depend_on_thread_order(order, monkeypatch):
     """Between two barriers the emulator runs threads in one order; a kernel whose result depends on that
     order (an unsynchronised read of another thread's write) changes its output under another order.
-    Everything but the atomically accumulated weight gradients must be bit-identical; those may differ
-    in the last bits (the summation order changes), as on a GPU."""
+    Everything but the atomically accumulated weight gradients must be bit-identical, the deterministic
+    backward's included; the atomic ones may differ in the last bits (the summation order changes), as on
+    a GPU."""
     want = _all_ops(torch.Generator().manual_seed(5))
     monkeypatch.setenv("CONCEPT_EXT_EMU_ORDER", order)
     monkeypatch.setenv("CONCEPT_EXT_EMU_SEED", "1234")

@@ -368,6 +368,34 @@ def test_out_of_range_indices_raise_on_cuda():
 
 
 
+def test_deterministic_mode_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms(True) the weight gradients come from the sorted bucket
+    reduction: the same inputs give the same bits on every run (the atomic default does not promise it)."""
+    g = _gen(47)
+    n, d, m, k = 257, 96, 1000, 24
+    x = _randn(n, d, dtype=torch.float32, g=g).requires_grad_()
+    W_enc = _randn(d, m, dtype=torch.float32, g=g).requires_grad_()
+    b_enc = _randn(m, dtype=torch.float32, g=g).requires_grad_()
+    W_dec = _randn(m, d, dtype=torch.float32, g=g).requires_grad_()
+    b_dec = _randn(d, dtype=torch.float32, g=g).requires_grad_()
+
+    def grads():
+        values, indices = concept_ext.topk_encode(x, W_enc, b_enc, k)
+        loss = (concept_ext.sparse_decode(values, indices, W_dec, b_dec) - x).pow(2).sum()
+        return torch.autograd.grad(loss, (x, W_enc, b_enc, W_dec, b_dec))
+
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for a, b in zip(first, grads()):  # and the default path agrees up to rounding
+        _close(a, b, torch.float32, scale=float(n) ** 0.5)
+
+
 def test_device_side_index_check_stops_unchecked_calls():
     """Under concept_ext.unchecked() the wrappers skip their range check (a host synchronisation), so the
     kernel's own check must stop the launch instead of reading out of bounds. The CUDA context is not

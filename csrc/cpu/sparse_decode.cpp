@@ -148,8 +148,9 @@ Tensor sparse_decode_cpu(Tensor values, Tensor indices, Tensor W_dec, Tensor b_d
   return out;
 }
 
+// `deterministic` is accepted for the schema's sake: the bucketed CPU backward always is.
 std::tuple<Tensor, Tensor> sparse_decode_backward_cpu(Tensor grad_out, Tensor values, Tensor indices,
-                                                      Tensor W_dec) {
+                                                      Tensor W_dec, bool /*deterministic*/) {
   cpu::check_code(values, indices, W_dec);
   check_cpu(grad_out, "grad_out");
   check_dim(grad_out, 2, "grad_out");

@@ -428,8 +428,9 @@ std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc,
   return {values, indices};
 }
 
+// `deterministic` is accepted for the schema's sake: the CPU backward always is (fixed blocks, no atomics).
 std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, Tensor values, Tensor indices,
-                                                            Tensor x, Tensor W_enc) {
+                                                            Tensor x, Tensor W_enc, bool /*deterministic*/) {
   check_dim(grad_values, 2, "grad_values");
   check_dim(values, 2, "values");
   check_dim(indices, 2, "indices");

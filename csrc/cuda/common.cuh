@@ -185,6 +185,66 @@ __global__ void exclusive_scan_kernel(const I* __restrict__ in, int64_t* __restr
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Block-wide stable radix sort.
+// ---------------------------------------------------------------------------------------------------
+// Stable sort of n (key, id) pairs by key descending, by LSD radix on ~key, by one block; ping-pongs
+// between the (ka, ia) and (kb, ib) buffers an even number of times, so the result ends in (ka, ia). The
+// buffers may be shared or global memory; ia/ib may be null (keys only). Each warp owns a
+// contiguous segment and scatters it in order (__match_any_sync ranks equal digits), which is what
+// makes the sort stable.
+template <typename Key>
+__device__ void block_sort_desc(Key* ka, int32_t* ia, Key* kb, int32_t* ib, int64_t n,
+                                unsigned (*whist)[256], unsigned* wtot) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t seg = ceil_div(n, kWarps);
+  const int64_t s0 = min(n, warp * seg), s1 = min(n, s0 + seg);
+  for (int shift = 0; shift < int(sizeof(Key)) * 8; shift += 8) {
+    for (int w = 0; w < kWarps; ++w) whist[w][threadIdx.x] = 0;
+    __syncthreads();
+    for (int64_t i = s0 + lane; i < s1; i += 32) atomicAdd(&whist[warp][(~ka[i] >> shift) & 0xFF], 1u);
+    __syncthreads();
+    // Column scan (digit-major, warp-minor), then an exclusive scan of the digit totals.
+    unsigned run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const unsigned t = whist[w][threadIdx.x];
+      whist[w][threadIdx.x] = run;
+      run += t;
+    }
+    unsigned incl = run;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) wtot[warp] = incl;
+    __syncthreads();
+    unsigned base = incl - run;
+    for (int w = 0; w < warp; ++w) base += wtot[w];
+    for (int w = 0; w < kWarps; ++w) whist[w][threadIdx.x] += base;
+    __syncthreads();
+    for (int64_t c0 = s0; c0 < s1; c0 += 32) {
+      const int64_t i = c0 + lane;
+      const bool live = i < s1;
+      const Key key = live ? ka[i] : Key(0);
+      const int digit = live ? int((~key >> shift) & 0xFF) : 256;
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
+      const int rank = __popc(peers & ((1u << lane) - 1u));
+      if (live) {
+        const unsigned dst = whist[warp][digit] + rank;
+        kb[dst] = key;
+        if (ia) ib[dst] = ia[i];
+      }
+      __syncwarp();
+      if (live && rank == 0) whist[warp][digit] += __popc(peers);
+      __syncwarp();
+    }
+    __syncthreads();
+    Key* tk = ka; ka = kb; kb = tk;
+    int32_t* ti = ia; ia = ib; ib = ti;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Block-wide radix select: the k-th largest (1 <= k <= n) of n keys produced by get_key(i).
 // On return *thresh is that key and *need_eq how many keys equal to it belong to the top k (so the top k
 // are every key > thresh plus need_eq of the keys == thresh). All threads must call it. `hist` is shared

@@ -5,7 +5,9 @@
 // memory and every thread accumulates VEC consecutive columns in registers (float4 loads when the
 // dtype is float32 and d % 4 == 0). Backward: grad_values by one warp per (row, j) dot product;
 // grad_W_dec by fp32/fp64 atomics into an [m, d] accumulator (row-parallel scatter; the summation order
-// of a latent hit by several rows is therefore not deterministic), no [N, k, d] tensor.
+// of a latent hit by several rows is therefore not deterministic), no [N, k, d] tensor; or, with
+// `deterministic` (PyTorch's deterministic mode), by the sorted bucket reduction of buckets.cuh.
+#include "buckets.cuh"
 #include "common.cuh"
 #include "concept_ext/kernels.h"
 
@@ -104,6 +106,13 @@ __global__ void grad_w_kernel(const T* __restrict__ grad_out, const T* __restric
   }
 }
 
+// The coefficient of entry p in grad_W_dec: its value.
+template <typename T>
+struct ValueCoef {
+  const T* v;
+  __device__ acc_t<T> operator()(int64_t p) const { return static_cast<acc_t<T>>(v[p]); }
+};
+
 void check_code(const Tensor& values, const Tensor& indices, const Tensor& W_dec) {
   check_dim(values, 2, "values");
   check_dim(indices, 2, "indices");
@@ -153,7 +162,7 @@ Tensor sparse_decode_cuda(Tensor values, Tensor indices, Tensor W_dec, Tensor b_
 }
 
 std::tuple<Tensor, Tensor> sparse_decode_backward_cuda(Tensor grad_out, Tensor values, Tensor indices,
-                                                       Tensor W_dec) {
+                                                       Tensor W_dec, bool deterministic) {
   check_code(values, indices, W_dec);
   check_dim(grad_out, 2, "grad_out");
   check_same_dtype(grad_out, W_dec, "grad_out", "W_dec");
@@ -176,9 +185,17 @@ std::tuple<Tensor, Tensor> sparse_decode_backward_cuda(Tensor grad_out, Tensor v
                                                 stream>>>(ptr<scalar_t>(g), ptr<index_t>(idx), ptr<scalar_t>(w),
                                                           ptr<scalar_t>(grad_values), pairs, k, d, m);
         CONCEPT_EXT_CHECK_LAUNCH("sparse_decode_backward (grad_values)");
-        dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
-        grad_w_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
-            ptr<scalar_t>(g), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<acc_t<scalar_t>>(grad_w), k, d, m);
+        if (deterministic) {
+          auto [starts, keys] = bucket_by_latent<index_t>(values, ptr<index_t>(idx), pairs, m, stream);
+          dim3 grid(static_cast<unsigned>(m), static_cast<unsigned>(ceil_div(d, kBlock)));
+          bucket_reduce_kernel<scalar_t, ValueCoef<scalar_t>><<<grid, kBlock, 0, stream>>>(
+              ptr<int64_t>(starts), ptr<uint32_t>(keys), k, ptr<scalar_t>(g), d, ValueCoef<scalar_t>{ptr<scalar_t>(v)},
+              ptr<acc_t<scalar_t>>(grad_w), static_cast<acc_t<scalar_t>*>(nullptr));
+        } else {
+          dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock)));
+          grad_w_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
+              ptr<scalar_t>(g), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<acc_t<scalar_t>>(grad_w), k, d, m);
+        }
         CONCEPT_EXT_CHECK_LAUNCH("sparse_decode_backward (grad_W_dec)");
       });
     });

@@ -12,7 +12,9 @@
 //
 // Backward: one block per (row, column tile): grad_x by a gather of W_enc^T rows (a transposed copy
 // makes the gather coalesced); grad_W_enc^T and grad_b_enc by fp32/fp64 atomics over the N*k selected
-// pairs (so the summation order, hence the last bits, is not deterministic); no [N, m] tensor.
+// pairs (so the summation order, hence the last bits, is not deterministic), or, with `deterministic`
+// (PyTorch's deterministic mode), by the sorted bucket reduction of buckets.cuh; no [N, m] tensor.
+#include "buckets.cuh"
 #include "common.cuh"
 #include "concept_ext/kernels.h"
 
@@ -29,62 +31,6 @@ using namespace cuda;
 #define CONCEPT_EXT_TOPK_SCRATCH_BYTES (int64_t(256) << 20)
 #endif
 constexpr int64_t kScratchBytes = CONCEPT_EXT_TOPK_SCRATCH_BYTES;
-
-// Stable sort of n (key, id) pairs by key descending, by LSD radix on ~key; ping-pongs between the
-// (ka, ia) and (kb, ib) buffers an even number of times, so the result ends in (ka, ia). Each warp owns a
-// contiguous segment and scatters it in order (__match_any_sync ranks equal digits), which is what
-// makes the sort stable.
-template <typename Key>
-__device__ void block_sort_desc(Key* ka, int32_t* ia, Key* kb, int32_t* ib, int64_t n,
-                                unsigned (*whist)[256], unsigned* wtot) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t seg = ceil_div(n, kWarps);
-  const int64_t s0 = min(n, warp * seg), s1 = min(n, s0 + seg);
-  for (int shift = 0; shift < int(sizeof(Key)) * 8; shift += 8) {
-    for (int w = 0; w < kWarps; ++w) whist[w][threadIdx.x] = 0;
-    __syncthreads();
-    for (int64_t i = s0 + lane; i < s1; i += 32) atomicAdd(&whist[warp][(~ka[i] >> shift) & 0xFF], 1u);
-    __syncthreads();
-    // Column scan (digit-major, warp-minor), then an exclusive scan of the digit totals.
-    unsigned run = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      const unsigned t = whist[w][threadIdx.x];
-      whist[w][threadIdx.x] = run;
-      run += t;
-    }
-    unsigned incl = run;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const unsigned y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-      if (lane >= o) incl += y;
-    }
-    if (lane == 31) wtot[warp] = incl;
-    __syncthreads();
-    unsigned base = incl - run;
-    for (int w = 0; w < warp; ++w) base += wtot[w];
-    for (int w = 0; w < kWarps; ++w) whist[w][threadIdx.x] += base;
-    __syncthreads();
-    for (int64_t c0 = s0; c0 < s1; c0 += 32) {
-      const int64_t i = c0 + lane;
-      const bool live = i < s1;
-      const Key key = live ? ka[i] : Key(0);
-      const int digit = live ? int((~key >> shift) & 0xFF) : 256;
-      const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
-      const int rank = __popc(peers & ((1u << lane) - 1u));
-      if (live) {
-        const unsigned dst = whist[warp][digit] + rank;
-        kb[dst] = key;
-        ib[dst] = ia[i];
-      }
-      __syncwarp();
-      if (live && rank == 0) whist[warp][digit] += __popc(peers);
-      __syncwarp();
-    }
-    __syncthreads();
-    Key* tk = ka; ka = kb; kb = tk;
-    int32_t* ti = ia; ia = ib; ib = ti;
-  }
-}
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock) topk_select_kernel(
@@ -137,8 +83,19 @@ __global__ void __launch_bounds__(kBlock) topk_select_kernel(
   }
 }
 
-// One block per (row, column tile of W_enc^T): grad_x, and atomics into grad_W_enc^T and grad_b_enc.
-template <typename T, typename I>
+// The coefficient of entry p in grad_W_enc and grad_b_enc: its gradient where the ReLU let it through.
+template <typename T>
+struct ReluGradCoef {
+  const T* g;
+  const T* v;
+  __device__ acc_t<T> operator()(int64_t p) const {
+    return static_cast<acc_t<T>>(v[p]) > acc_t<T>(0) ? static_cast<acc_t<T>>(g[p]) : acc_t<T>(0);
+  }
+};
+
+// One block per (row, column tile of W_enc^T): grad_x, and (kAtomics) atomics into grad_W_enc^T and
+// grad_b_enc.
+template <typename T, typename I, bool kAtomics>
 __global__ void topk_backward_kernel(const T* __restrict__ grad_values, const T* __restrict__ values,
                                      const I* __restrict__ indices, const T* __restrict__ x,
                                      const T* __restrict__ w_t,  // [m, d]
@@ -162,7 +119,7 @@ __global__ void topk_backward_kernel(const T* __restrict__ grad_values, const T*
       s_g[threadIdx.x] = g;
       s_idx[threadIdx.x] = static_cast<int64_t>(indices[e]);
       CONCEPT_EXT_DEVICE_CHECK_INDEX(s_idx[threadIdx.x], m, "indices");
-      if (blockIdx.y == 0 && g != A(0)) atomicAdd(grad_b + s_idx[threadIdx.x], g);
+      if (kAtomics && blockIdx.y == 0 && g != A(0)) atomicAdd(grad_b + s_idx[threadIdx.x], g);
     }
     __syncthreads();
     if (live) {
@@ -170,7 +127,7 @@ __global__ void topk_backward_kernel(const T* __restrict__ grad_values, const T*
         const A g = s_g[j];
         if (g == A(0)) continue;
         acc += g * static_cast<A>(w_t[s_idx[j] * d + c]);
-        atomicAdd(grad_w_t + s_idx[j] * d + c, g * xv);
+        if (kAtomics) atomicAdd(grad_w_t + s_idx[j] * d + c, g * xv);
       }
     }
   }
@@ -230,7 +187,7 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
 }
 
 std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values, Tensor values, Tensor indices,
-                                                             Tensor x, Tensor W_enc) {
+                                                             Tensor x, Tensor W_enc, bool deterministic) {
   check_encode_args(x, W_enc);
   check_dim(values, 2, "values");
   check_dim(grad_values, 2, "grad_values");
@@ -258,9 +215,22 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values,
     dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(std::max<int64_t>(1, ceil_div(d, kBlock))));
     CONCEPT_EXT_DISPATCH_FLOATING(x.scalar_type(), "topk_encode_backward", [&] {
       CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "topk_encode_backward", [&] {
-        topk_backward_kernel<scalar_t, index_t><<<grid, kBlock, 0, stream>>>(
+        using A = acc_t<scalar_t>;
+        if (!deterministic) {
+          topk_backward_kernel<scalar_t, index_t, true><<<grid, kBlock, 0, stream>>>(
+              ptr<scalar_t>(gv), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(xc), ptr<scalar_t>(w_t),
+              ptr<scalar_t>(grad_x), ptr<A>(grad_w_t), ptr<A>(grad_b), k, d, m);
+          return;
+        }
+        topk_backward_kernel<scalar_t, index_t, false><<<grid, kBlock, 0, stream>>>(
             ptr<scalar_t>(gv), ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(xc), ptr<scalar_t>(w_t),
-            ptr<scalar_t>(grad_x), ptr<acc_t<scalar_t>>(grad_w_t), ptr<acc_t<scalar_t>>(grad_b), k, d, m);
+            ptr<scalar_t>(grad_x), ptr<A>(grad_w_t), ptr<A>(grad_b), k, d, m);
+        auto [starts, keys] = bucket_by_latent<index_t>(x, ptr<index_t>(idx), n * k, m, stream);
+        // d == 0 still needs column tile 0: it writes grad_b_enc.
+        dim3 rgrid(static_cast<unsigned>(m), static_cast<unsigned>(std::max<int64_t>(1, ceil_div(d, kBlock))));
+        bucket_reduce_kernel<scalar_t, ReluGradCoef<scalar_t>><<<rgrid, kBlock, 0, stream>>>(
+            ptr<int64_t>(starts), ptr<uint32_t>(keys), k, ptr<scalar_t>(xc), d,
+            ReluGradCoef<scalar_t>{ptr<scalar_t>(gv), ptr<scalar_t>(v)}, ptr<A>(grad_w_t), ptr<A>(grad_b));
       });
     });
     CONCEPT_EXT_CHECK_LAUNCH("topk_encode_backward");
