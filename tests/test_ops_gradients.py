@@ -56,3 +56,37 @@ def test_gradcheck_ablate_decode(with_norm):
         return out.base, out.ablated
 
     assert gradcheck(f, (v, w, b))
+
+
+def test_deterministic_mode_reaches_the_backward_ops(monkeypatch):
+    """Autograd passes torch.are_deterministic_algorithms_enabled() to both backward ops (the CUDA kernels
+    switch to their sorted reduction on it; the CPU kernels always are deterministic and must give the same
+    bits either way)."""
+    seen = []
+    for name in ("topk_encode_backward", "sparse_decode_backward"):
+        op = getattr(torch.ops.concept_ext, name)
+        # Record the flag each call receives, then run the real kernel.
+        monkeypatch.setattr(torch.ops.concept_ext, name, (lambda op, name: lambda *a: seen.append((name, a[-1])) or op(*a))(
+            op, name))
+    g = _gen()
+    x = torch.randn((40, 6), generator=g, requires_grad=True)
+    w = torch.randn((6, 30), generator=g, requires_grad=True)
+    b = torch.randn((30,), generator=g, requires_grad=True)
+    wd = torch.randn((30, 6), generator=g, requires_grad=True)
+    bd = torch.randn((6,), generator=g, requires_grad=True)
+
+    def grads():
+        v, i = concept_ext.topk_encode(x, w, b, 5)
+        return torch.autograd.grad(concept_ext.sparse_decode(v, i, wd, bd).square().sum(), (x, w, b, wd, bd))
+
+    plain = grads()
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        det = grads()
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+    assert sorted(seen) == sorted([("sparse_decode_backward", False), ("topk_encode_backward", False),
+                                   ("sparse_decode_backward", True), ("topk_encode_backward", True)])
+    for a, b_ in zip(plain, det):
+        assert torch.equal(a, b_)
