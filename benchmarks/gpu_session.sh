@@ -80,9 +80,11 @@ phase_sanitize() {
 }
 
 phase_bench() {
-    local date; date=$(date -u +%F)
+    local date gpu; date=$(date -u +%F)
+    # the card actually lent (an H100 or an H200), e.g. "nvidia-h100-80gb-hbm3"
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-')
     # shellcheck disable=SC2086
-    "$PY" benchmarks/run_gpu.py --require-peers --sizes ${BENCH_SIZES:-paper core} --out "$OUT/h200-$date.json"
+    "$PY" benchmarks/run_gpu.py --require-peers --sizes ${BENCH_SIZES:-paper core} --out "$OUT/${gpu:-gpu}-$date.json"
 }
 
 export -f phase_facts phase_build phase_test phase_sanitize phase_bench
