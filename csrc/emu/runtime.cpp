@@ -5,7 +5,12 @@
 
 // Under AddressSanitizer (tools/cuda_emulate.py --asan) every stack switch is announced, so that ASan
 // tracks which stack is live and checks the kernels' memory accesses without false stack reports.
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)  // clang's spelling
+#define EMU_ASAN_CLANG 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(EMU_ASAN_CLANG)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
