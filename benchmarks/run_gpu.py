@@ -118,10 +118,28 @@ def problem(n, d, m, k, dev):
     return w, x, vals, idx, gout
 
 
+def with_env(fn, **env):
+    """``fn`` run with the environment variables ``env`` set (and restored afterwards)."""
+    def run():
+        old = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return run
+
+
 def encode_impls(w, x, k, compiled):
     w_lin = w.W_enc.t().contiguous()
     eager = lambda x: torch.topk(F.relu(F.linear(x, w_lin, w.b_enc)), k, dim=1, sorted=False)  # noqa: E731
     impls = {"ours": lambda: concept_ext.topk_encode(x, w_lin.t(), w.b_enc, k), "eager": lambda: eager(x)}
+    # The CUDA selection's general radix path for every row (A/B of the shared-memory fast path).
+    impls["ours_radix"] = with_env(impls["ours"], CONCEPT_EXT_TOPK_SELECT="radix")
     if compiled:
         ce = torch.compile(eager)
         impls["compile"] = lambda: ce(x)

@@ -88,6 +88,38 @@ def test_poisoning_is_active():
     assert (torch.empty(10, dtype=torch.int64) == torch.iinfo(torch.int64).max).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,d,m,k", [(37, 19, 53, 53), (65, 33, 300, 17), (30, 64, 3000, 64), (5, 8, 3000, 1100)])
+def test_topk_select_paths_agree(n, d, m, k, dtype, monkeypatch):
+    """The encode's two selection paths, the shared-memory fast path (a crowded top bucket or k > 1024
+    sends a row to the general one) and the radix select forced by CONCEPT_EXT_TOPK_SELECT=radix, give the
+    same bits, and both pass the tie-aware reference check."""
+    g = torch.Generator().manual_seed(n + m + k)
+    x, W, b = _cuda._randn(n, d, dtype=dtype, g=g), _cuda._randn(d, m, dtype=dtype, g=g), _cuda._randn(m, dtype=dtype, g=g)
+    W[:, 7:30] = W[:, 3:4]  # exact ties
+    fast = E.topk_encode(x, W, b, k)
+    monkeypatch.setenv("CONCEPT_EXT_TOPK_SELECT", "radix")
+    radix = E.topk_encode(x, W, b, k)
+    assert torch.equal(fast[1], radix[1]) and torch.equal(fast[0], radix[0])
+    _cuda._check_topk(x, W, b, k, *fast, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_topk_select_crowded_bucket(dtype):
+    """Every pre-activation in one histogram bucket ([1, 1.1), far more than 1024 of them): the rows take
+    the general path by themselves; with four levels, ties straddle the k-th place."""
+    g = torch.Generator().manual_seed(3)
+    n, d, m, k = 7, 5, 5000, 40
+    x = torch.zeros(n, d, dtype=dtype)
+    b = (1 + torch.randint(0, 4, (m,), generator=g) / 40).to(dtype)
+    W = torch.randn(d, m, generator=g).to(dtype)  # x = 0: pre = b exactly
+    values, indices = E.topk_encode(x, W, b, k)
+    _cuda._check_topk(x, W, b, k, values, indices, dtype)
+    # (value desc, index asc): the k largest are the first k ids at the top level
+    top = (b == b.max()).nonzero().flatten()[:k]
+    assert torch.equal(indices[0, : top.numel()], top)
+
+
 def test_bfloat16_weights_form():
     """float32 x and b_enc with a bfloat16 W_enc, forward and backward, on the CUDA code path."""
     g = torch.Generator().manual_seed(29)

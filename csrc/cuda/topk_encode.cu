@@ -4,11 +4,12 @@
 // Forward, the *unfused* first version: rows are processed in chunks so that the scratch stays under
 // kScratchBytes. Per chunk, the pre-activations are one cuBLAS GEMM in the accumulation dtype
 // (torch::stable::matmul: fp32, fp64 for float64 inputs, exactly the reference's precision) into an
-// [R, m] scratch; then one block per row adds the bias in place, finds the k-th largest value by a
-// 4-pass (8 for fp64) 8-bit radix select, compacts the winners in index order (ties at the threshold go
-// to the lowest latent ids), and sorts them descending with a stable block-wide LSD radix sort, so the
-// output order is (value desc, index asc) and deterministic. NaN sorts as the largest value, as in
-// torch.topk; the Python wrapper rejects non-finite inputs outside graph capture. No host syncs.
+// [R, m] scratch; then one block per row selects the k largest of pre + b_enc (topk_select_kernel: a
+// histogram pass and, usually, one compaction pass into shared memory; a radix select where one bucket
+// is too crowded) and sorts them with a stable block-wide LSD radix sort, so the output order is
+// (value desc, index asc) and deterministic. NaN sorts as the largest value, as in torch.topk; the Python
+// wrapper rejects non-finite inputs outside graph capture. No host syncs.
+// CONCEPT_EXT_TOPK_SELECT=radix (read per call) forces the general path, for A/B benchmarks and tests.
 //
 // Backward: one block per (row, column tile): grad_x by a gather of W_enc^T rows (a transposed copy
 // makes the gather coalesced); grad_W_enc^T and grad_b_enc by fp32/fp64 atomics over the N*k selected
@@ -19,6 +20,8 @@
 #include "concept_ext/kernels.h"
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 
 namespace concept_ext {
 namespace {
@@ -32,52 +35,111 @@ using namespace cuda;
 #endif
 constexpr int64_t kScratchBytes = CONCEPT_EXT_TOPK_SCRATCH_BYTES;
 
+// Selection, one block per row, over v[j] = pre[j] + b[j] (recomputed on each read: `pre` is never
+// written back). Keys are the monotone unsigned images of the values (float_key).
+//
+// Pass 1 histograms the top kHistBits bits of every key (2048 bins: sign, exponent and two mantissa
+// bits, i.e. buckets a factor 2^(1/4) wide) and finds the bucket d1 that holds the k-th largest key; the
+// nsel keys in buckets >= d1 are a superset of the top k. Fast path (nsel <= cand_cap): pass 2 compacts
+// those nsel (key, id) pairs in index order into shared memory, a stable block radix sort orders them by
+// (key desc, index asc), and the first k are the answer: two passes over the row, none of them a write.
+// Otherwise (a bucket too crowded, or k > cand_cap) the general path: a 4-pass (8 for fp64) 8-bit radix
+// select over the row, a compaction of the winners in index order (ties at the threshold go to the
+// lowest ids) into global scratch, and the same stable sort. Both give (value desc, index asc).
+constexpr int kHistBits = 11;
+constexpr int kHistBins = 1 << kHistBits;
+constexpr int kCandCap = 1024;  // shared-memory candidates of the fast path
+static_assert(kHistBins == kWarps * 256, "the pass-1 histogram shares its memory with the sort's");
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kBlock) topk_select_kernel(
-    A* __restrict__ pre,  // [rows, m], bias added in place
-    const T* __restrict__ b, int64_t rows, int64_t m, int64_t k,
-    typename KeyOf<A>::type* __restrict__ keys,  // [2, rows, k] scratch
-    int32_t* __restrict__ ids,                   // [2, rows, k] scratch
+    const A* __restrict__ pre,  // [rows, m], without the bias
+    const T* __restrict__ b, int64_t rows, int64_t m, int64_t k, int64_t cand_cap,
+    typename KeyOf<A>::type* __restrict__ keys,  // [2, rows, k] scratch of the general path
+    int32_t* __restrict__ ids,                   // [2, rows, k] scratch of the general path
     T* __restrict__ out_v, int64_t* __restrict__ out_i) {
   using Key = typename KeyOf<A>::type;
-  __shared__ unsigned hist[256];
+  constexpr int kTopShift = int(sizeof(Key)) * 8 - kHistBits;
+  // The pass-1 histogram, then the sort's per-warp digit counts (never live at the same time).
+  __shared__ unsigned hist[kHistBins];
+  __shared__ unsigned wtot[kWarps];
   __shared__ unsigned long long bcast[2];
   __shared__ int cnt[kWarps];
-  __shared__ unsigned whist[kWarps][256];
-  __shared__ unsigned wtot[kWarps];
+  __shared__ Key s_key[2][kCandCap];
+  __shared__ int32_t s_id[2][kCandCap];
+  unsigned(*whist)[256] = reinterpret_cast<unsigned(*)[256]>(hist);
   const int64_t row = blockIdx.x;
-  A* p = pre + row * m;
-  for (int64_t j = threadIdx.x; j < m; j += kBlock) p[j] += static_cast<A>(b[j]);
-  __syncthreads();
-  Key thresh;
-  int64_t need_eq;
-  block_radix_select<Key>([&](int64_t j) { return float_key(p[j]); }, m, k, hist, bcast, &thresh, &need_eq);
+  const A* p = pre + row * m;
+  auto val = [&](int64_t j) { return p[j] + static_cast<A>(b[j]); };
 
-  Key* ka = keys + row * k;
-  Key* kb = keys + (rows + row) * k;
-  int32_t* ia = ids + row * k;
-  int32_t* ib = ids + (rows + row) * k;
-  int64_t taken = 0, eq_seen = 0;
-  for (int64_t base = 0; base < m && taken < k; base += kBlock) {
-    const int64_t j = base + threadIdx.x;
-    const Key key = j < m ? float_key(p[j]) : Key(0);
-    const bool gt = j < m && key > thresh, eq = j < m && key == thresh;
-    int eq_total, take_total;
-    const int er = block_rank(eq, cnt, &eq_total);
-    const bool take = gt || (eq && eq_seen + er < need_eq);
-    const int tr = block_rank(take, cnt, &take_total);
-    if (take) {
-      ka[taken + tr] = key;
-      ia[taken + tr] = static_cast<int32_t>(j);
+  for (int i = threadIdx.x; i < kHistBins; i += kBlock) hist[i] = 0;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < m; j += kBlock) atomicAdd(&hist[float_key(val(j)) >> kTopShift], 1u);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t cum = 0;
+    int d = kHistBins - 1;
+    for (; d > 0; --d) {
+      if (cum + hist[d] >= k) break;
+      cum += hist[d];
     }
-    taken += take_total;
-    eq_seen += eq_total;
+    bcast[0] = static_cast<unsigned long long>(d);
+    bcast[1] = static_cast<unsigned long long>(cum + hist[d]);
   }
   __syncthreads();
-  if (k > 1) block_sort_desc<Key>(ka, ia, kb, ib, k, whist, wtot);
+  const Key d1 = static_cast<Key>(bcast[0]);
+  const int64_t nsel = static_cast<int64_t>(bcast[1]);
+
+  Key* ka;
+  int32_t* ia;
+  if (nsel <= cand_cap) {  // block-uniform
+    int64_t taken = 0;
+    for (int64_t base = 0; base < m; base += kBlock) {
+      const int64_t j = base + threadIdx.x;
+      const Key key = j < m ? float_key(val(j)) : Key(0);
+      const bool sel = j < m && (key >> kTopShift) >= d1;
+      int total;
+      const int r = block_rank(sel, cnt, &total);
+      if (sel) {
+        s_key[0][taken + r] = key;
+        s_id[0][taken + r] = static_cast<int32_t>(j);
+      }
+      taken += total;
+    }
+    __syncthreads();
+    if (nsel > 1) block_sort_desc<Key>(s_key[0], s_id[0], s_key[1], s_id[1], nsel, whist, wtot);
+    ka = s_key[0];
+    ia = s_id[0];
+  } else {
+    Key thresh;
+    int64_t need_eq;
+    block_radix_select<Key>([&](int64_t j) { return float_key(val(j)); }, m, k, hist, bcast, &thresh, &need_eq);
+    ka = keys + row * k;
+    ia = ids + row * k;
+    Key* kb = keys + (rows + row) * k;
+    int32_t* ib = ids + (rows + row) * k;
+    int64_t taken = 0, eq_seen = 0;
+    for (int64_t base = 0; base < m && taken < k; base += kBlock) {
+      const int64_t j = base + threadIdx.x;
+      const Key key = j < m ? float_key(val(j)) : Key(0);
+      const bool gt = j < m && key > thresh, eq = j < m && key == thresh;
+      int eq_total, take_total;
+      const int er = block_rank(eq, cnt, &eq_total);
+      const bool take = gt || (eq && eq_seen + er < need_eq);
+      const int tr = block_rank(take, cnt, &take_total);
+      if (take) {
+        ka[taken + tr] = key;
+        ia[taken + tr] = static_cast<int32_t>(j);
+      }
+      taken += take_total;
+      eq_seen += eq_total;
+    }
+    __syncthreads();
+    if (k > 1) block_sort_desc<Key>(ka, ia, kb, ib, k, whist, wtot);
+  }
   for (int64_t r = threadIdx.x; r < k; r += kBlock) {
     const int32_t j = ia[r];
-    const A v = p[j];
+    const A v = val(j);
     out_v[row * k + r] = static_cast<T>(v > A(0) || v != v ? v : A(0));
     out_i[row * k + r] = j;
   }
@@ -171,6 +233,8 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
   Tensor keys = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(key_dtype));
   Tensor ids = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(ScalarType::Int));
   cudaStream_t stream = current_stream(x);
+  const char* sel = std::getenv("CONCEPT_EXT_TOPK_SELECT");
+  const int64_t cand_cap = sel != nullptr && std::strcmp(sel, "radix") == 0 ? 0 : kCandCap;
   for (int64_t start = 0; start < n; start += rows) {
     const int64_t r = std::min(rows, n - start);
     Tensor pre = contig(torch::stable::matmul(torch::stable::narrow(xa, 0, start, r), wa));  // [r, m]
@@ -178,7 +242,7 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
       using A = acc_t<scalar_t>;
       using Key = typename KeyOf<A>::type;
       topk_select_kernel<scalar_t, A><<<static_cast<unsigned>(r), kBlock, 0, stream>>>(
-          ptr<A>(pre), ptr<scalar_t>(b), r, m, k, ptr<Key>(keys), ptr<int32_t>(ids),
+          ptr<A>(pre), ptr<scalar_t>(b), r, m, k, cand_cap, ptr<Key>(keys), ptr<int32_t>(ids),
           ptr<scalar_t>(values) + start * k, ptr<int64_t>(indices) + start * k);
     });
     CONCEPT_EXT_CHECK_LAUNCH("topk_encode");
