@@ -2,7 +2,7 @@
 # One device call for issue 8: build the CUDA extension, run the CUDA tests, compute-sanitizer, and the GPU
 # benchmark; every log and the benchmark JSON go to $OUT (what the device tool brings back).
 #
-#   bash benchmarks/gpu_session.sh [PHASE ...]      # default: facts build test sanitize bench
+#   bash benchmarks/gpu_session.sh [PHASE ...]      # default: facts build test bench sanitize
 #
 # Phases:
 #   facts     nvidia-smi, torch/CUDA versions, nvcc, compute-sanitizer (a few seconds)
@@ -10,6 +10,11 @@
 #   test      tests/test_ops_cuda.py (every kernel vs the reference, gradcheck, graph capture)
 #   sanitize  tools/cuda_sanitize.py under compute-sanitizer memcheck and racecheck
 #   bench     benchmarks/run_gpu.py --sizes paper core (BENCH_SIZES overrides), JSON into $OUT
+#
+# One device command may run 10 minutes, so the whole script keeps to TOTAL_LIMIT seconds (default 560):
+# each phase gets the smaller of its own limit and what is left, and a phase with under 20 s left is
+# skipped (and says so). The benchmark comes before the sanitizer: its JSON is the issue's deliverable,
+# and the kernels' memory checking also runs on the CPU (emulated, under AddressSanitizer).
 #
 # Peers: wheels in .whl/ (`python tools/gpu_wheels.py` fetches them, ~3 MiB; name .whl in the call's carry)
 # are installed into /tmp/site first, as the device README says; the bench phase fails if a peer is still
@@ -23,7 +28,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(facts build test sanitize bench)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(facts build test bench sanitize)
+TOTAL_LIMIT=${TOTAL_LIMIT:-560}
 SUMMARY=()
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -38,6 +44,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/benchmarks/gpu_stubs
 run_phase() {
     local name=$1 limit=$2
     local var="PHASE_LIMIT_${name}"; limit=${!var:-$limit}
+    local left=$((TOTAL_LIMIT - SECONDS - 5))
+    if [ "$left" -lt 20 ]; then
+        SUMMARY+=("$name: skipped, ${left} s left of TOTAL_LIMIT=${TOTAL_LIMIT}")
+        return 124
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local t0=$SECONDS
     echo "== $name (limit ${limit}s) $(date -u +%T)"
     timeout "$limit" bash -c "phase_$name" 2>&1 | tee "$OUT/$name.log"
@@ -94,10 +106,10 @@ status=0
 for p in "${PHASES[@]}"; do
     case $p in
         facts) run_phase facts 60 phase_facts || status=1 ;;
-        build) run_phase build 420 phase_build || { status=1; echo "build failed: the other phases need it"; break; } ;;
-        test) run_phase test 300 phase_test || status=1 ;;
-        sanitize) run_phase sanitize 300 phase_sanitize || status=1 ;;
-        bench) run_phase bench 480 phase_bench || status=1 ;;
+        build) run_phase build 300 phase_build || { status=1; echo "build failed: the other phases need it"; break; } ;;
+        test) run_phase test 180 phase_test || status=1 ;;
+        bench) run_phase bench 300 phase_bench || status=1 ;;
+        sanitize) run_phase sanitize 240 phase_sanitize || status=1 ;;
         *) echo "gpu_session: unknown phase $p (facts build test sanitize bench)"; status=2 ;;
     esac
 done
