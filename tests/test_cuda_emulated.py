@@ -61,6 +61,7 @@ test_topk_encode_ties_and_noncontiguous = _cuda.test_topk_encode_ties_and_noncon
 test_topk_encode_backward = _cuda.test_topk_encode_backward
 test_sparse_decode = _cuda.test_sparse_decode
 test_sparse_decode_noncontiguous = _cuda.test_sparse_decode_noncontiguous
+test_sparse_decode_16bit_vector_path = _cuda.test_sparse_decode_16bit_vector_path
 test_activation_rate_loss = _cuda.test_activation_rate_loss
 test_activation_rate_long_buckets = _cuda.test_activation_rate_long_buckets
 test_ablate_decode = _cuda.test_ablate_decode

@@ -190,6 +190,22 @@ def test_sparse_decode_noncontiguous():
     _close(OPS_NS.sparse_decode(values, indices, Wm, b), ref.sparse_decode(values, indices, Wm, b), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sparse_decode_16bit_vector_path(dtype):
+    """16-bit W_dec with d % 8 == 0 takes the 16-byte-load path (8 values a load); a W_dec that starts 2 bytes
+    past a 16-byte boundary, or d % 8 != 0, must fall back to scalar loads with the same result."""
+    g = _gen(19)
+    values, indices = _code(33, 9, 70, dtype, g)
+    b = _randn(40, dtype=dtype, g=g)
+    W = _randn(70, 40, dtype=dtype, g=g)
+    _close(OPS_NS.sparse_decode(values, indices, W, b), ref.sparse_decode(values, indices, W, b), dtype, 3.0)
+    Wm = _randn(70 * 40 + 1, dtype=dtype, g=g)[1:].view(70, 40)  # misaligned start
+    _close(OPS_NS.sparse_decode(values, indices, Wm, b), ref.sparse_decode(values, indices, Wm, b), dtype, 3.0)
+    W3 = _randn(70, 2104, dtype=dtype, g=g)  # two column tiles of 8 * 256 columns, the second partly used
+    b3 = _randn(2104, dtype=dtype, g=g)
+    _close(OPS_NS.sparse_decode(values, indices, W3, b3), ref.sparse_decode(values, indices, W3, b3), dtype, 3.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # activation_rate_loss
 # --------------------------------------------------------------------------------------------------

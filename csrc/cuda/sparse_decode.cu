@@ -2,8 +2,9 @@
 // Semantics: concept_ext/reference.py (sparse_decode, sparse_decode_backward).
 //
 // Forward: one block per (row, column tile); the row's k (value, index) pairs are staged in shared
-// memory and every thread accumulates VEC consecutive columns in registers (float4 loads when the
-// dtype is float32 and d % 4 == 0). Backward: grad_values by one warp per (row, j) dot product;
+// memory and every thread accumulates VEC consecutive columns in registers, loading them 16 bytes at a
+// time where the rows allow it (d a multiple of VEC and W_dec 16-byte aligned): 4 float32 or 8 bfloat16 /
+// float16 values per load. Backward: grad_values by one warp per (row, j) dot product;
 // grad_W_dec by fp32/fp64 atomics into an [m, d] accumulator (row-parallel scatter; the summation order
 // of a latent hit by several rows is therefore not deterministic), no [N, k, d] tensor; or, with
 // `deterministic` (PyTorch's deterministic mode), by the sorted bucket reduction of buckets.cuh.
@@ -31,6 +32,21 @@ struct Vec<float, 4> {
     out[0] = f.x, out[1] = f.y, out[2] = f.z, out[3] = f.w;
   }
 };
+// Eight 16-bit values (bfloat16 or float16) in one 16-byte load, widened to float.
+template <typename T>
+struct Vec16 {
+  __device__ static void load(const T* p, float* out) {
+    static_assert(sizeof(T) == 2, "Vec16 is for 16-bit types");
+    alignas(16) T h[8];
+    *reinterpret_cast<uint4*>(h) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) out[u] = static_cast<float>(h[u]);
+  }
+};
+template <>
+struct Vec<c10::BFloat16, 8> : Vec16<c10::BFloat16> {};
+template <>
+struct Vec<c10::Half, 8> : Vec16<c10::Half> {};
 
 template <typename T, typename I, int VEC>
 __global__ void decode_kernel(const T* __restrict__ values, const I* __restrict__ indices,
@@ -143,12 +159,21 @@ Tensor sparse_decode_cuda(Tensor values, Tensor indices, Tensor W_dec, Tensor b_
   cudaStream_t stream = current_stream(values);
   CONCEPT_EXT_DISPATCH_FLOATING(w.scalar_type(), "sparse_decode", [&] {
     CONCEPT_EXT_DISPATCH_INDEX(idx.scalar_type(), "sparse_decode", [&] {
+      // 16-byte loads need every W_dec row 16-byte aligned (a contiguous view may start anywhere).
+      const bool aligned = reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        // float4 loads need every W_dec row 16-byte aligned (a contiguous view may start anywhere).
-        if (d % 4 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0) {
+        if (d % 4 == 0 && aligned) {
           dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock * 4)));
           decode_kernel<float, index_t, 4><<<grid, kBlock, 0, stream>>>(
               ptr<float>(v), ptr<index_t>(idx), ptr<float>(w), ptr<float>(b), ptr<float>(out), k, d, m);
+          return;
+        }
+      }
+      if constexpr (sizeof(scalar_t) == 2) {
+        if (d % 8 == 0 && aligned) {
+          dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(ceil_div(d, kBlock * 8)));
+          decode_kernel<scalar_t, index_t, 8><<<grid, kBlock, 0, stream>>>(
+              ptr<scalar_t>(v), ptr<index_t>(idx), ptr<scalar_t>(w), ptr<scalar_t>(b), ptr<scalar_t>(out), k, d, m);
           return;
         }
       }

@@ -51,6 +51,10 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
