@@ -13,6 +13,8 @@ using torch::stable::Tensor;
 // __syncthreads than the others. 2: lanes 200..255 exit before a full-mask shuffle. 3: a thread reads its
 // neighbour's shared slot without a barrier in between (a race whose result depends on thread order).
 // 4: thread 0 also reads x[n], one element past the end (AddressSanitizer's heap-buffer-overflow).
+// 5: threads 128..255 exit before the last __syncthreads, which the others wait at.
+// 6: the warp partial sums are never stored, so the final sum reads shared memory nobody wrote.
 __global__ void block_sum_kernel(const double* x, int64_t n, int64_t mode, double* out) {
   __shared__ double red[8];
   __shared__ double s[256];
@@ -29,7 +31,8 @@ __global__ void block_sum_kernel(const double* x, int64_t n, int64_t mode, doubl
     v = s[(t + 1) % 256];
   }
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-  if (lane == 0) red[warp] = v;
+  if (mode == 5 && t >= 128) return;
+  if (lane == 0 && mode != 6) red[warp] = v;
   __syncthreads();
   if (t == 0) {
     double total = 0;

@@ -97,12 +97,33 @@ def test_topk_select_paths_agree(n, d, m, k, dtype, monkeypatch):
     same bits, and both pass the tie-aware reference check."""
     g = torch.Generator().manual_seed(n + m + k)
     x, W, b = _cuda._randn(n, d, dtype=dtype, g=g), _cuda._randn(d, m, dtype=dtype, g=g), _cuda._randn(m, dtype=dtype, g=g)
-    W[:, 7:30] = W[:, 3:4]  # exact ties
+    W[:, 7:30] = W[:, 3:4]  # with b below, near or exact ties (test_topk_select_exact_ties pins the
+    b[7:30] = b[3]          # tie rule exactly, on inputs where every sum is exact)
     fast = E.topk_encode(x, W, b, k)
     monkeypatch.setenv("CONCEPT_EXT_TOPK_SELECT", "radix")
     radix = E.topk_encode(x, W, b, k)
     assert torch.equal(fast[1], radix[1]) and torch.equal(fast[0], radix[0])
     _cuda._check_topk(x, W, b, k, *fast, dtype)
+
+
+@pytest.mark.parametrize("select", ["default", "radix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,d,m,k", [(21, 6, 300, 17), (9, 5, 3000, 64), (4, 3, 2000, 1500)])
+def test_topk_select_exact_ties(n, d, m, k, dtype, select, monkeypatch):
+    """Small integers make every pre-activation exact in any summation order, with many exact ties; the
+    ids must then be exactly the first k of a stable sort by value descending (ties: lowest id first), on
+    both selection paths (m = 3000 with few distinct values crowds one bucket)."""
+    if select == "radix":
+        monkeypatch.setenv("CONCEPT_EXT_TOPK_SELECT", "radix")
+    g = torch.Generator().manual_seed(n * m + k)
+    x = torch.randint(-3, 4, (n, d), generator=g).to(dtype)
+    W = torch.randint(-3, 4, (d, m), generator=g).to(dtype)
+    b = (torch.randint(-4, 5, (m,), generator=g) / 4).to(dtype)
+    values, indices = E.topk_encode(x, W, b, k)
+    pre = x.double() @ W.double() + b.double()  # exact
+    want = torch.sort(-pre, dim=1, stable=True).indices[:, :k]
+    assert torch.equal(indices, want)
+    assert torch.equal(values.double(), pre.gather(1, want).clamp_min(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -167,6 +188,14 @@ def _all_ops(g: torch.Generator) -> dict[str, tuple]:
     x, W, b = torch.randn(n, d, generator=g), torch.randn(d, m, generator=g), torch.randn(m, generator=g)
     W[:, 100:140] = W[:, 90:91]  # tied latents
     out = {"encode": E.topk_encode(x, W, b, k)}
+    # The general selection path too: forced, and by k > 1024 (on a wider code of its own).
+    os.environ["CONCEPT_EXT_TOPK_SELECT"] = "radix"
+    try:
+        out["encode_radix"] = E.topk_encode(x, W, b, k)
+    finally:
+        os.environ.pop("CONCEPT_EXT_TOPK_SELECT", None)
+    W2, b2 = torch.randn(d, 1200, generator=g), torch.randn(1200, generator=g)
+    out["encode_k1100"] = E.topk_encode(x[:9], W2, b2, 1100)
     v, i = out["encode"]
     Wd, bd = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
     gv = torch.randn(n, k, generator=g)
@@ -260,6 +289,19 @@ def test_emulator_reports_divergent_syncthreads(faults):
 def test_emulator_reports_collective_after_exit(faults):
     with pytest.raises(RuntimeError, match=r"__shfl_xor_sync with a full mask after .* exited"):
         faults.block_sum(torch.randn(300, dtype=torch.float64), 2)
+
+
+def test_emulator_reports_exit_before_syncthreads(faults):
+    with pytest.raises(RuntimeError, match=r"exited before a __syncthreads that others wait at"):
+        faults.block_sum(torch.randn(300, dtype=torch.float64), 5)
+
+
+def test_emulator_poisons_shared_memory(faults):
+    """Shared memory read before anyone wrote it holds garbage (NaN here), as on a GPU, not zeros or what
+    the previous block or launch left there."""
+    x = torch.randn(300, dtype=torch.float64)
+    faults.block_sum(x, 0)  # leaves the true partial sums in `red`
+    assert torch.isnan(faults.block_sum(x, 6)).all()
 
 
 def test_emulator_order_exposes_a_race(faults, monkeypatch):

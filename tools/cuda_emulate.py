@@ -11,6 +11,8 @@ The translation is textual and small, and each rewrite must match (a source chan
 fails the build loudly instead of emulating something else):
 
 * ``kernel<tmpl>\\s*<<<cfg>>>(args)`` -> ``::emu::launch("kernel", kernel<tmpl>, {cfg}, args)``;
+* each ``__shared__`` declaration gets ``::emu::shared_region(&name, sizeof(name))`` after it (poisoned once
+  per block);
 * the CUDA-only host calls (current stream, device guard, the is-a-CUDA-tensor check) -> host stand-ins;
 * ``register.cu``'s ``(concept_ext, CUDA, m)`` -> ``(concept_ext_emu, CPU, m)``.
 
@@ -109,6 +111,12 @@ def translate(src: Path) -> str:
     """The emulator form of one CUDA source file."""
     text = src.read_text()
     text, _ = translate_launches(text, src.name)
+    # Every __shared__ declaration is followed (on its line) by a call that poisons it once per block.
+    decls = len(re.findall(r"^\s*__shared__\b", text, flags=re.M))
+    text, n = re.subn(r"^(\s*__shared__\s+[^;/]*?\b(\w+)\s*((?:\[[^\]]*\])*)\s*;)",
+                      r"\1 ::emu::shared_region(&\2, sizeof(\2));", text, flags=re.M)
+    if n != decls:
+        raise TranslateError(f"{src.name}: {decls} __shared__ declarations, {n} understood (one per line, please)")
     text = f'#line 1 "{src}"\n' + text
     for pattern, repl, must in HOST_REWRITES:
         text, n = re.subn(pattern, repl, text)

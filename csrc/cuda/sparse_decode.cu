@@ -199,7 +199,10 @@ std::tuple<Tensor, Tensor> sparse_decode_backward_cuda(Tensor grad_out, Tensor v
   const ScalarType acc = acc_scalar_type(W_dec.scalar_type());
   // Zeros when no kernel runs (d == 0: every dot product over d is empty).
   Tensor grad_values = d > 0 ? torch::stable::new_empty(values, {n, k}) : torch::stable::new_zeros(values, {n, k});
-  Tensor grad_w = torch::stable::new_zeros(W_dec, {m, d}, std::optional<ScalarType>(acc));
+  // The atomic path accumulates into zeros; the deterministic one writes every element itself.
+  Tensor grad_w = deterministic && n > 0 && k > 0 && d > 0
+                      ? torch::stable::new_empty(W_dec, {m, d}, std::optional<ScalarType>(acc))
+                      : torch::stable::new_zeros(W_dec, {m, d}, std::optional<ScalarType>(acc));
   if (n > 0 && k > 0 && d > 0) {
     Tensor g = contig(grad_out), v = contig(values), idx = contig(indices), w = contig(W_dec);
     cudaStream_t stream = current_stream(values);

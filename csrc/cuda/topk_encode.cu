@@ -38,9 +38,10 @@ constexpr int64_t kScratchBytes = CONCEPT_EXT_TOPK_SCRATCH_BYTES;
 // Selection, one block per row, over v[j] = pre[j] + b[j] (recomputed on each read: `pre` is never
 // written back). Keys are the monotone unsigned images of the values (float_key).
 //
-// Pass 1 histograms the top kHistBits bits of every key (2048 bins: sign, exponent and two mantissa
-// bits, i.e. buckets a factor 2^(1/4) wide) and finds the bucket d1 that holds the k-th largest key; the
-// nsel keys in buckets >= d1 are a superset of the top k. Fast path (nsel <= cand_cap): pass 2 compacts
+// Pass 1 histograms the top kHistBits bits of every value's float32 key (2048 bins: sign, exponent and two
+// mantissa bits, i.e. buckets a factor 2^(1/4) wide; a float64 value is rounded to float32 first, which
+// is monotone, so the buckets stay ordered) and finds the bucket d1 that holds the k-th largest; the nsel
+// values in buckets >= d1 are a superset of the top k. Fast path (nsel <= cand_cap): pass 2 compacts
 // those nsel (key, id) pairs in index order into shared memory, a stable block radix sort orders them by
 // (key desc, index asc), and the first k are the answer: two passes over the row, none of them a write.
 // Otherwise (a bucket too crowded, or k > cand_cap) the general path: a 4-pass (8 for fp64) 8-bit radix
@@ -59,7 +60,8 @@ __global__ void __launch_bounds__(kBlock) topk_select_kernel(
     int32_t* __restrict__ ids,                   // [2, rows, k] scratch of the general path
     T* __restrict__ out_v, int64_t* __restrict__ out_i) {
   using Key = typename KeyOf<A>::type;
-  constexpr int kTopShift = int(sizeof(Key)) * 8 - kHistBits;
+  constexpr int kTopShift = 32 - kHistBits;
+  auto bucket = [](A v) { return float_key(static_cast<float>(v)) >> kTopShift; };
   // The pass-1 histogram, then the sort's per-warp digit counts (never live at the same time).
   __shared__ unsigned hist[kHistBins];
   __shared__ unsigned wtot[kWarps];
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(kBlock) topk_select_kernel(
 
   for (int i = threadIdx.x; i < kHistBins; i += kBlock) hist[i] = 0;
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < m; j += kBlock) atomicAdd(&hist[float_key(val(j)) >> kTopShift], 1u);
+  for (int64_t j = threadIdx.x; j < m; j += kBlock) atomicAdd(&hist[bucket(val(j))], 1u);
   __syncthreads();
   if (threadIdx.x == 0) {
     int64_t cum = 0;
@@ -87,7 +89,7 @@ __global__ void __launch_bounds__(kBlock) topk_select_kernel(
     bcast[1] = static_cast<unsigned long long>(cum + hist[d]);
   }
   __syncthreads();
-  const Key d1 = static_cast<Key>(bcast[0]);
+  const uint32_t d1 = static_cast<uint32_t>(bcast[0]);
   const int64_t nsel = static_cast<int64_t>(bcast[1]);
 
   Key* ka;
@@ -96,8 +98,9 @@ __global__ void __launch_bounds__(kBlock) topk_select_kernel(
     int64_t taken = 0;
     for (int64_t base = 0; base < m; base += kBlock) {
       const int64_t j = base + threadIdx.x;
-      const Key key = j < m ? float_key(val(j)) : Key(0);
-      const bool sel = j < m && (key >> kTopShift) >= d1;
+      const A v = j < m ? val(j) : A(0);
+      const bool sel = j < m && bucket(v) >= d1;
+      const Key key = float_key(v);
       int total;
       const int r = block_rank(sel, cnt, &total);
       if (sel) {
@@ -268,8 +271,12 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values,
   const int64_t n = x.size(0), d = x.size(1), m = W_enc.size(1), k = values.size(1);
   const ScalarType acc = acc_scalar_type(x.scalar_type());
   Tensor grad_x = torch::stable::new_empty(x, {n, d});
-  Tensor grad_w_t = torch::stable::new_zeros(x, {m, d}, std::optional<ScalarType>(acc));
-  Tensor grad_b = torch::stable::new_zeros(x, {m}, std::optional<ScalarType>(acc));
+  // The atomic path accumulates into zeros; the deterministic one writes every element itself.
+  const bool writes_all = deterministic && n > 0 && k > 0;
+  Tensor grad_w_t = writes_all ? torch::stable::new_empty(x, {m, d}, std::optional<ScalarType>(acc))
+                               : torch::stable::new_zeros(x, {m, d}, std::optional<ScalarType>(acc));
+  Tensor grad_b = writes_all ? torch::stable::new_empty(x, {m}, std::optional<ScalarType>(acc))
+                             : torch::stable::new_zeros(x, {m}, std::optional<ScalarType>(acc));
   if (n > 0 && k > 0) {
     Tensor gv = contig(grad_values), v = contig(values), idx = contig(indices), xc = contig(x);
     // [m, d]: coalesced gathers; in x's dtype (a bfloat16 W_enc is widened for the float32 kernel).

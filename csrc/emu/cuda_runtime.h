@@ -9,9 +9,12 @@
 // (__syncthreads, __syncwarp or a warp collective: shuffle, ballot, match) and the scheduler releases a
 // barrier once every live (not yet exited) thread it concerns has arrived. The order in which fibers run
 // between barriers is selectable (forward, reverse, seeded shuffle), so code whose result depends on the
-// interleaving of unsynchronised threads shows up as a mismatch under another order. The emulator
-// raises instead of hanging when the threads of a block or a warp wait at different barriers, or when a
-// warp collective with a full mask misses lanes that have exited (undefined behaviour on a GPU).
+// interleaving of unsynchronised threads shows up as a mismatch under another order (the block order
+// follows the same setting). Every __shared__ variable starts each block filled with 0xFF bytes. The
+// emulator raises instead of hanging when the threads of a block or a warp wait at different barriers,
+// when threads exited before a __syncthreads that others wait at, or when a warp collective with a full
+// mask misses lanes that have exited (all undefined behaviour on a GPU). Fibers start with the launching
+// thread's floating-point control state (rounding, flush-to-zero).
 //
 // What it cannot show: timing, memory-model effects between blocks (blocks never overlap), bank
 // conflicts, register or shared-memory limits (nvcc_check.py covers those), and races inside one
@@ -83,6 +86,11 @@ void sync_warp(unsigned mask);
 const uint64_t* warp_exchange(uint64_t mine, unsigned mask, const char* op);
 void warp_release();
 int lane_id();
+
+// Called (by the translated source) right after each __shared__ declaration: the first thread of a block
+// to get there fills the variable with 0xFF bytes, so a kernel that reads shared memory it never wrote
+// sees garbage, as on a GPU, instead of zeros or the previous block's values.
+void shared_region(void* p, size_t bytes);
 
 // Runs `body` once per thread of every block of the grid (see the file comment); throws
 // std::runtime_error naming `kernel` on a divergent barrier or deadlock.
@@ -177,8 +185,9 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const uint64_t* all = ::emu::warp_exchange(::emu::to_bits(v), mask, "__shfl_xor_sync");
   const int lane = ::emu::lane_id();
+  // CUDA: a source lane in an earlier segment of `width` lanes is read; one in a later segment is not.
   const int src = lane ^ lane_mask;
-  const T r = (src & ~(width - 1)) == (lane & ~(width - 1)) ? ::emu::from_bits<T>(all[src]) : v;
+  const T r = src < ((lane / width) + 1) * width ? ::emu::from_bits<T>(all[src]) : v;
   ::emu::warp_release();
   return r;
 }

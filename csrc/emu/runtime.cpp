@@ -17,6 +17,7 @@
 #endif
 
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -101,7 +102,9 @@ struct Scheduler {
   void* body_ctx = nullptr;
   int mode = 0;  // 0 forward, 1 reverse, 2 seeded shuffle per sweep
   std::mt19937_64 rng{0};
-  std::string fiber_error;
+  std::exception_ptr fiber_error;  // the first exception a thread of the running block threw
+  uint64_t fp_control = uint64_t(0x1F80) | (uint64_t(0x037F) << 32);  // mxcsr | x87 control word << 32
+  std::vector<void*> poisoned;  // __shared__ regions already poisoned in the running block
 };
 
 std::mutex g_launch_lock;  // one grid at a time: __shared__ statics and the scheduler are global
@@ -144,8 +147,8 @@ void fiber_entry() {
 #endif
   try {
     g.body(g.body_ctx);
-  } catch (const std::exception& e) {
-    if (g.fiber_error.empty()) g.fiber_error = e.what();
+  } catch (...) {
+    if (!g.fiber_error) g.fiber_error = std::current_exception();
   }
   g.cur->state = State::Done;
   to_main(g.cur, /*exiting=*/true);
@@ -168,7 +171,7 @@ void init_fiber(Fiber& f, char* stack) {
   *--sp = 0;                                              // fiber_entry's (never used) return address
   *--sp = reinterpret_cast<uint64_t>(&fiber_entry);       // popped by ret
   for (int r = 0; r < 6; ++r) *--sp = 0;                  // rbp rbx r12 r13 r14 r15
-  *--sp = uint64_t(0x1F80) | (uint64_t(0x037F) << 32);    // mxcsr, x87 control word: the defaults
+  *--sp = g.fp_control;                                   // mxcsr, x87 control word: the launching thread's
   f.sp = sp;
 #else
   getcontext(&f.ctx);
@@ -219,7 +222,16 @@ void run_block(const char* kernel) {
       Fiber& f = g.fibers[i];
       if (f.state != State::Runnable) continue;
       to_fiber(&f);
-      if (!g.fiber_error.empty()) divergence(kernel, "a thread threw: " + g.fiber_error);
+      if (g.fiber_error) {
+        std::string what = "a thread threw";
+        try {
+          std::rethrow_exception(g.fiber_error);
+        } catch (const std::exception& e) {
+          what += std::string(": ") + e.what();
+        } catch (...) {
+        }
+        divergence(kernel, what);
+      }
     }
     // Every fiber now waits or has exited. Release complete warp collectives first, then the block.
     bool released = false, live = false;
@@ -261,6 +273,12 @@ void run_block(const char* kernel) {
         divergence(kernel, "threads wait at different __syncthreads: " + describe(*site) + "; " + describe(f));
     }
     if (all_block) {
+      const Fiber* gone = nullptr;
+      for (const Fiber& f : g.fibers)
+        if (f.state == State::Done && !gone) gone = &f;
+      if (gone && site)
+        divergence(kernel, "threads exited before a __syncthreads that others wait at (undefined on a GPU): " +
+                               describe(*gone) + "; " + describe(*site));
       for (Fiber& f : g.fibers)
         if (f.state == State::AtBlock) f.state = State::Runnable;
       continue;
@@ -293,6 +311,7 @@ void sync_block(const char* site) {
 }
 
 void sync_warp(unsigned mask) {
+  if (mask != 0xFFFFFFFFu) throw std::runtime_error("emulated CUDA: __syncwarp: only full masks are emulated");
   g.cur->op = "__syncwarp";
   g.cur->mask = mask;
   yield(State::AtWarp);
@@ -306,6 +325,13 @@ const uint64_t* warp_exchange(uint64_t mine, unsigned mask, const char* op) {
   f->mask = mask;
   yield(State::AtWarp);
   return g.warps[f->warp].slot;
+}
+
+void shared_region(void* p, size_t bytes) {
+  for (void* q : g.poisoned)
+    if (q == p) return;
+  g.poisoned.push_back(p);
+  std::memset(p, 0xFF, bytes);  // NaN in floats, -1 / the maximum in integers
 }
 
 void warp_release() {
@@ -344,13 +370,30 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, void (*body)(void*), vo
   g.body_ctx = ctx;
   g.block_dim = block;
   g.grid_dim = grid;
-  g.fiber_error.clear();
+  g.fiber_error = nullptr;
+#ifdef EMU_FAST_SWITCH
+  {  // fibers start with the launching thread's rounding and flush-to-zero modes
+    uint32_t mxcsr = 0;
+    uint16_t x87 = 0;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(x87));
+    g.fp_control = uint64_t(mxcsr) | (uint64_t(x87) << 32);
+  }
+#endif
+  // Blocks run one at a time, in the order the schedule asks for (forward, reverse, shuffled), so that
+  // cross-block atomics (bucket slot claims, say) also arrive in more than one order.
+  std::vector<uint3> blocks;
+  blocks.reserve(size_t(grid.x) * grid.y * grid.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        g.block = uint3{x, y, z};
-        run_block(kernel);
-      }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+  if (g.mode == 1) std::reverse(blocks.begin(), blocks.end());
+  if (g.mode == 2) std::shuffle(blocks.begin(), blocks.end(), g.rng);
+  for (const uint3& blk : blocks) {
+    g.block = blk;
+    g.poisoned.clear();
+    run_block(kernel);
+  }
 }
 
 void device_fail(const char* what, long long value, long long bound) {
