@@ -274,7 +274,9 @@ def unchecked() -> Iterator[None]:
     Each check reads a tensor value back to the host: on CUDA every one is a synchronisation that stalls
     the launch queue (a training step made 4). Use it where the inputs are known good: the SAE trainer
     validates its cached activations once, feeds the ops codes that ``topk_encode`` produced, and still
-    checks every step's loss. Shape, dtype and device checks still run.
+    checks every step's loss. Shape, dtype and device checks still run, and the CUDA kernels still
+    range-check the ids they read on the device (a bad id then stops the kernel instead of raising a
+    ValueError).
     """
     before = getattr(_UNCHECKED, "on", False)
     _UNCHECKED.on = True
@@ -346,8 +348,10 @@ def _finite(t: Tensor, name: str) -> None:
 
 def _index_range(idx: Tensor, m: int, name: str, op: str) -> None:
     """Ids outside ``[0, m)`` raise. Skipped when the compiled CPU kernel serves ``op``: it checks the
-    range itself in its own pass over the indices. The CUDA kernels do not (a check there would need a
-    host synchronisation inside the op), so on CUDA the check runs here."""
+    range itself in its own pass over the indices. The CUDA kernels check every id they read too, but a
+    failed device-side check traps, which leaves the CUDA context unusable; so on CUDA the check runs here
+    first (one host synchronisation) and a bad id is an ordinary, recoverable ValueError. Where data checks
+    are off (``unchecked()``, graph capture, ``torch.compile``) the device-side check is what remains."""
     if idx.numel() == 0:
         return
     if idx.device.type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", "CPU"):
