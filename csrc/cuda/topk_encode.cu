@@ -2,9 +2,12 @@
 // (CUDA). Semantics: concept_ext/reference.py (topk_encode, topk_encode_backward).
 //
 // Forward, the *unfused* first version: rows are processed in chunks so that the scratch stays under
-// kScratchBytes. Per chunk, the pre-activations are one cuBLAS GEMM in the accumulation dtype
-// (torch::stable::matmul: fp32, fp64 for float64 inputs, exactly the reference's precision) into an
-// [R, m] scratch; then one block per row selects the k largest of pre + b_enc (topk_select_kernel: a
+// kScratchBytes. Per chunk, the pre-activations are one cuBLAS GEMM with the accumulation dtype's output
+// (fp32; fp64 for float64 inputs: the reference's precision) into an [R, m] scratch. For bfloat16/float16
+// x and W_enc that GEMM is aten::mm.dtype: tensor cores, fp32 accumulation and output, and no widened
+// copies of x and W_enc; where that overload is missing (PyTorch < 2.8) or fails, both are widened to fp32
+// first, once per process after the first failure. Float32 inputs use an fp32 GEMM (TF32 only if the
+// user allowed it globally); then one block per row selects the k largest of pre + b_enc (topk_select_kernel: a
 // histogram pass and, usually, one compaction pass into shared memory; a radix select where one bucket
 // is too crowded) and sorts them with a stable block-wide LSD radix sort, so the output order is
 // (value desc, index asc) and deterministic. NaN sorts as the largest value, as in torch.topk; the Python
@@ -19,6 +22,8 @@
 #include "common.cuh"
 #include "concept_ext/kernels.h"
 
+#include <array>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -213,6 +218,26 @@ void check_encode_args(const Tensor& x, const Tensor& W_enc) {
   STD_TORCH_CHECK(W_enc.size(1) < INT_MAX, "W_enc: m must be < 2^31 for the CUDA kernel");
 }
 
+// out = a [r, d] @ b [d, m] in float32, for bfloat16/float16 a and b, by aten::mm.dtype. False (once per
+// process; later calls do not retry) when the overload is not there or fails; the caller then widens.
+bool mm_to_float32(const Tensor& a, const Tensor& b, Tensor* out) {
+#ifdef CONCEPT_EXT_EMULATE
+  (void)a, (void)b, (void)out;
+  return false;  // a CUDA-only overload; the emulator runs on CPU tensors
+#else
+  static std::atomic<bool> unavailable{false};
+  if (unavailable.load(std::memory_order_relaxed)) return false;
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
+                                    torch::stable::detail::from(ScalarType::Float)};
+  if (torch_call_dispatcher("aten::mm", "dtype", stack.data(), TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS) {
+    unavailable.store(true, std::memory_order_relaxed);
+    return false;
+  }
+  *out = torch::stable::detail::to<Tensor>(stack[0]);
+  return true;
+#endif
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {
@@ -232,7 +257,11 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
   const int64_t acc_size = acc == ScalarType::Double ? 8 : 4;
   const int64_t per_row = m * acc_size + 2 * k * (acc_size + 4);
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(n, kScratchBytes / per_row));
-  Tensor xa = contig(to_dtype(x, acc)), wa = contig(to_dtype(W_enc, acc)), b = contig(b_enc);
+  // 16-bit x and W_enc go to the GEMM as they are (mm_to_float32); otherwise both are widened to acc.
+  bool half_gemm = x.scalar_type() == W_enc.scalar_type() && x.scalar_type() != acc;
+  Tensor xa = half_gemm ? contig(x) : contig(to_dtype(x, acc));
+  Tensor wa = half_gemm ? contig(W_enc) : contig(to_dtype(W_enc, acc));
+  Tensor b = contig(b_enc);
   Tensor keys = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(key_dtype));
   Tensor ids = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(ScalarType::Int));
   cudaStream_t stream = current_stream(x);
@@ -240,7 +269,18 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
   const int64_t cand_cap = sel != nullptr && std::strcmp(sel, "radix") == 0 ? 0 : kCandCap;
   for (int64_t start = 0; start < n; start += rows) {
     const int64_t r = std::min(rows, n - start);
-    Tensor pre = contig(torch::stable::matmul(torch::stable::narrow(xa, 0, start, r), wa));  // [r, m]
+    Tensor xr = torch::stable::narrow(xa, 0, start, r);  // [r, d]
+    Tensor pre;                                           // [r, m] in acc
+    if (!(half_gemm && mm_to_float32(xr, wa, &pre))) {
+      if (half_gemm) {  // the 16-bit GEMM is unavailable: widen both from now on
+        xa = contig(to_dtype(xa, acc));
+        wa = contig(to_dtype(wa, acc));
+        xr = torch::stable::narrow(xa, 0, start, r);
+        half_gemm = false;
+      }
+      pre = torch::stable::matmul(xr, wa);
+    }
+    pre = contig(pre);
     CONCEPT_EXT_DISPATCH_FLOATING(x.scalar_type(), "topk_encode", [&] {
       using A = acc_t<scalar_t>;
       using Key = typename KeyOf<A>::type;
