@@ -251,6 +251,7 @@ def _build(sources: list[Path], name: str, jobs: int, verbose: bool, asan: bool 
 
 
 _loaded: Path | None = None
+_schemas = None  # the concept_ext_emu schema registration, kept alive while the library is loaded
 
 
 def load(jobs: int = 2):
@@ -259,7 +260,7 @@ def load(jobs: int = 2):
     The schemas are ``concept_ext.ops``'s own, so the emulated kernels take exactly the arguments of the
     real ones. Only CPU kernels are registered (there are no fake or autograd kernels).
     """
-    global _loaded
+    global _loaded, _schemas
     import torch
 
     from concept_ext import ops
@@ -269,7 +270,7 @@ def load(jobs: int = 2):
         frag = torch.library.Library(NAMESPACE, "DEF")
         for schema in ops._SCHEMAS.values():
             frag.define(schema)
-        load.__dict__["_frag"] = frag  # keep the registration alive
+        _schemas = frag
         torch.ops.load_library(str(lib))
         _loaded = lib
     return getattr(torch.ops, NAMESPACE)

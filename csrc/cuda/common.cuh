@@ -122,6 +122,18 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
+// Inclusive prefix sum over the lanes of a warp (lane l gets v[0] + ... + v[l]).
+template <typename A>
+__device__ __forceinline__ A warp_inclusive_scan(A v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const A y = __shfl_up_sync(0xFFFFFFFFu, v, o);
+    if (lane >= o) v += y;
+  }
+  return v;
+}
+
 // Sum over the block; every thread gets the result. `red` is shared scratch of kWarps entries.
 template <typename A>
 __device__ __forceinline__ A block_sum(A v, A* red) {
@@ -166,12 +178,7 @@ __global__ void exclusive_scan_kernel(const I* __restrict__ in, int64_t* __restr
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t i = base + threadIdx.x;
     const int64_t v = i < n ? static_cast<int64_t>(in[i]) : 0;
-    int64_t incl = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int64_t y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const int64_t incl = warp_inclusive_scan(v);
     if (lane == 31) warp_tot[warp] = incl;
     __syncthreads();
     int64_t before = carry;
@@ -210,12 +217,7 @@ __device__ void block_sort_desc(Key* ka, int32_t* ia, Key* kb, int32_t* ib, int6
       whist[w][threadIdx.x] = run;
       run += t;
     }
-    unsigned incl = run;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const unsigned y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const unsigned incl = warp_inclusive_scan(run);
     if (lane == 31) wtot[warp] = incl;
     __syncthreads();
     unsigned base = incl - run;

@@ -211,35 +211,33 @@ inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == 0xFFFFFFFFu; }
 
 // Atomics: fibers never run at the same time, so a plain read-modify-write is atomic.
+namespace emu {
+template <typename T, typename F>
+inline T read_modify_write(T* p, F f) {
+  const T old = *p;
+  *p = f(old);
+  return old;
+}
+}  // namespace emu
 template <typename T, typename U>
 inline T atomicAdd(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(old + static_cast<T>(v));
-  return old;
+  return ::emu::read_modify_write(p, [&](T old) { return static_cast<T>(old + static_cast<T>(v)); });
 }
 template <typename T, typename U>
 inline T atomicMax(T* p, U v) {
-  const T old = *p;
-  *p = std::max(old, static_cast<T>(v));
-  return old;
+  return ::emu::read_modify_write(p, [&](T old) { return std::max(old, static_cast<T>(v)); });
 }
 template <typename T, typename U>
 inline T atomicMin(T* p, U v) {
-  const T old = *p;
-  *p = std::min(old, static_cast<T>(v));
-  return old;
+  return ::emu::read_modify_write(p, [&](T old) { return std::min(old, static_cast<T>(v)); });
 }
 template <typename T, typename U>
 inline T atomicExch(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(v);
-  return old;
+  return ::emu::read_modify_write(p, [&](T) { return static_cast<T>(v); });
 }
 template <typename T>
 inline T atomicCAS(T* p, T cmp, T v) {
-  const T old = *p;
-  if (old == cmp) *p = v;
-  return old;
+  return ::emu::read_modify_write(p, [&](T old) { return old == cmp ? v : old; });
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
