@@ -198,3 +198,69 @@ def launch_overhead_us(dev: torch.device, reps: int = 2000) -> float:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps * 1e6
+
+
+# ------------------------------------------------------------------------ the real Trainer.train_step
+
+#: The trainer's recipe for ``trainer_impls``: STEP_CFG's losses with ghost grads on, a dead window of
+#: one step (so the dead-latent terms run from the third step on) and a flat learning rate.
+TRAINER_CFG = dict(lambda_mse=0.02, lambda_ar=0.02, lambda_cls=1.0, target_rate=0.1, dead_latents="ghost",
+                   dead_window=1, schedule="constant", lr=5e-5, progress=False, log_every=10**9)
+
+
+def trainer_impls(d: int, m: int, k: int, x: Tensor, labels: Tensor) -> tuple[dict[str, Step], Callable]:
+    """:meth:`concept_ext.train.Trainer.train_step` itself (data order, ghost grads, firing counters and
+    all), on batches of ``B = x.shape[0]`` rows drawn from a pool of 4B rows built from ``x``:
+
+    * ``ours``: ``TrainConfig(cuda_graph=True)``; on CUDA its first call also runs the warm-up steps and
+      the capture, so that the timed calls are replays;
+    * ``trainer_eager``: the default eager step.
+
+    Both start from the same weights. Each returns ``(loss, grad W_dec)`` of its step; the check compares
+    the first step with the eager trainer's first step in float64."""
+    from concept_ext.train import Trainer
+    from concept_ext.train_graph import WARMUP_STEPS
+
+    b, dev = x.shape[0], x.device
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    pool = torch.cat([x] + [x + 0.1 * torch.randn(x.shape, generator=gen).to(dev) for _ in range(3)])
+    pool_labels = labels.repeat(4)
+    scfg = SAEConfig(d=d, m=m, k=k, n_concepts=min(N_CONCEPTS, m), n_classes=N_CLASSES,
+                     architecture="classif_topk", normalize="constant_norm_rescale", seed=0)
+
+    def trainer(graph: bool, dtype: str = "float32") -> Trainer:
+        tcfg = TrainConfig(batch_size=b, total_samples=b * 10**6, device=str(dev), cuda_graph=graph,
+                           **TRAINER_CFG)
+        return Trainer(build_sae(SAEConfig(**{**scfg.__dict__, "dtype": dtype})), tcfg,
+                       pool.to(getattr(torch, dtype)), pool_labels)
+
+    def impl(tr: Trainer) -> Step:
+        calls = [0]
+
+        def step() -> tuple[Tensor, Tensor]:
+            out = tr.train_step()
+            result = out.terms.total, tr.sae.W_dec.grad
+            calls[0] += 1
+            if calls[0] == 1 and tr._graph is not None and tr._graph.capture:
+                result = tuple(t.clone() for t in result)  # the replays below overwrite them
+                for _ in range(WARMUP_STEPS + 1):  # warm-up steps and the capture, untimed
+                    tr.train_step()
+            return result
+
+        return step
+
+    impls = {"ours": impl(trainer(True)), "trainer_eager": impl(trainer(False))}
+    want: list[Tensor] = []
+
+    def check(out: tuple[Tensor, Tensor]) -> float:
+        if not want:
+            ref = trainer(False, "float64")
+            o = ref.train_step()
+            want.extend([o.terms.total.detach().clone(), ref.sae.W_dec.grad.clone()])
+            del ref
+        loss, grad = out
+        err_loss = float((loss.double() - want[0]).abs() / want[0].abs().clamp_min(1e-30))
+        err_grad = float((grad.double() - want[1]).abs().max() / want[1].abs().max().clamp_min(1e-30))
+        return max(err_loss, err_grad)
+
+    return impls, check

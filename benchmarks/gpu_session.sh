@@ -76,7 +76,8 @@ phase_build() {
 }
 
 phase_test() {
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_cuda_sanitize_driver.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_cuda_sanitize_driver.py \
+        tests/test_train_graph.py
 }
 
 phase_sanitize() {

@@ -284,6 +284,12 @@ def step_impls(x, k, m):
     return classifsae_step.make_impls(x.shape[1], m, k, x, labels.to(x.device))
 
 
+def trainer_impls(x, k, m):
+    """Trainer.train_step itself (classifsae_step.trainer_impls): cuda_graph=True against the eager step."""
+    labels = torch.randint(0, classifsae_step.N_CLASSES, (x.shape[0],), generator=torch.Generator().manual_seed(2))
+    return classifsae_step.trainer_impls(x.shape[1], m, k, x, labels.to(x.device))
+
+
 def ablate_impls(w, vals, idx, n_keep=20):
     keep = torch.arange(n_keep, device=vals.device)
     v = vals.clone()
@@ -322,6 +328,7 @@ def run_size(n, d, m, k, dev, args) -> list[dict]:
         "train_step": lambda: train_impls(w, x, k, args.compile),
         "ablate_decode": lambda: ablate_impls(w, vals, idx),
         "classifsae_step": lambda: step_impls(x, k, m),
+        "trainer_step": lambda: trainer_impls(x, k, m),
     }
     rows = []
     for op in args.ops:
@@ -339,7 +346,7 @@ def run_size(n, d, m, k, dev, args) -> list[dict]:
             try:
                 err = check(fn())  # correctness on this implementation's own output, before timing
                 row.update(timeit(fn, dev, args.reps, args.warmup), rel_err=err, ok=bool(err <= args.tol))
-                if op == "classifsae_step":  # launch accounting of the whole step (issue 8 item 4)
+                if op in ("classifsae_step", "trainer_step"):  # launches per step (issue 8 item 4)
                     row.update(classifsae_step.launches_per_step(fn, dev))
                     if "launches_per_step" in row and row["launches_per_step"]:
                         row["step_over_launch_floor"] = row["median_ms"] * 1e3 / (
@@ -381,13 +388,14 @@ def table(rows: list[dict]) -> str:
 
 
 def launch_table(rows: list[dict]) -> str:
-    """Launches (CUDA) or dispatched ops (CPU) per ClassifSAE step, and the step time in launch floors."""
-    out = ["classifsae_step | n d m k | impl | median ms | launches/step | syncs/step | ops/step | x launch floor"]
+    """Launches (CUDA) or dispatched ops (CPU) per ClassifSAE step (the benchmark's step and the real
+    Trainer.train_step), and the step time in launch floors."""
+    out = ["step | n d m k | impl | median ms | launches/step | syncs/step | ops/step | x launch floor"]
     for r in rows:
-        if r["op"] != "classifsae_step" or "median_ms" not in r:
+        if r["op"] not in ("classifsae_step", "trainer_step") or "median_ms" not in r:
             continue
         f = lambda key, fmt="{:.0f}": "-" if r.get(key) is None else fmt.format(r[key])  # noqa: E731
-        out.append(f"classifsae_step | {r['n']} {r['d']} {r['m']} {r['k']} | {r['impl']} | {r['median_ms']:.2f} | "
+        out.append(f"{r['op']} | {r['n']} {r['d']} {r['m']} {r['k']} | {r['impl']} | {r['median_ms']:.2f} | "
                    f"{f('launches_per_step')} | {f('syncs_per_step')} | {f('ops_per_step')} | "
                    f"{f('step_over_launch_floor', '{:.1f}')}")
     return "\n".join(out)
@@ -399,7 +407,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--sizes", nargs="+", default=None, choices=sorted(SIZES), help="size sets")
     ap.add_argument("--size", action="append", default=[], help="extra size n,d,m,k")
     ap.add_argument("--ops", nargs="+", default=["encode", "decode_fwd_bwd", "activation_rate_fwd_bwd",
-                                                "train_step", "ablate_decode", "classifsae_step"])
+                                                "train_step", "ablate_decode", "classifsae_step",
+                                                "trainer_step"])
     ap.add_argument("--impls", nargs="+", default=None, help="only these implementations")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     ap.add_argument("--reps", type=int, default=None)

@@ -189,6 +189,11 @@ class TrainConfig:
     """Seed of the data order and of the v1 noise (the initialisation seed is SAEConfig.seed)."""
     device: str = "auto"
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; the activations are held there."""
+    cuda_graph: bool = False
+    """Run each step as one CUDA graph replay (CUDA devices): fixed-shape dead-latent terms over all m
+    latents, no host synchronisation in the step, and the loss checked for finiteness at log steps,
+    checkpoints and the end instead of every step. On a CPU device the same step runs eagerly. Not with
+    torchrun (distributed) training."""
     log_every: int = 50
     """Steps between metric logs (progress bar, logger, wandb)."""
     checkpoint_every: int = 0

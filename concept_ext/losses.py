@@ -5,7 +5,8 @@ v1:  L = lambda_cls * L_CE + w(e) * (lambda_mse * L_mse + lambda_ar * L_ar + L_g
      and the ghost ratio computed from lambda_mse * e (L_ghost' = lambda_mse * L_ghost up to the 1e-6).
 
 Every term is returned separately in :class:`LossTerms`. Everything works on the sparse code
-``(values, indices)``; only the |D| dead columns of the pre-activations are ever formed densely.
+``(values, indices)``; only the |D| dead columns of the pre-activations are ever formed densely (all m
+of them, with the live ones masked, in the fixed-shape ``static=True`` form that a CUDA graph holds).
 
 Distributed (torchrun, ``group``: a :class:`distributed.BatchGroup`): each rank holds a slice of the
 global batch. Every batch statistic (centring means, normalisers, the L_ar top sets, v1's noise scale) is
@@ -16,7 +17,7 @@ its gradient. With ``group=None`` the code below is exactly the single-process o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -198,17 +199,57 @@ def auxk_loss(
 
 
 def _add_noise(h: Tensor, frac: float, gen: Optional[torch.Generator],
-               group: "Optional[BatchGroup]" = None) -> Tensor:
+               group: "Optional[BatchGroup]" = None, noise: Optional[Tensor] = None) -> Tensor:
     # v1 input noise (method.md 8): N(0, (frac * sigma)^2) per dimension, sigma = biased batch std >= 1e-3.
+    # ``noise``: the standard-normal draw [B, d], made beforehand (the trainer's static step draws it
+    # outside its CUDA graph, with the same generator calls, so the numbers are the eager step's).
     if group is None:
         sigma = h.std(0, unbiased=False).clamp_min(1e-3)
-        return h + torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype) * (frac * sigma)
+        if noise is None:
+            noise = torch.randn(h.shape, generator=gen, device=h.device, dtype=h.dtype)
+        return h + noise * (frac * sigma)
     # Distributed: the global batch's std, and this rank's rows of the global [B, d] draw (every rank
     # advances its generator by the same B*d numbers, as the single process does).
     mean = group.mean_rows(h)
     sigma = group.mean_rows((h - mean).pow(2)).sqrt().clamp_min(1e-3)
     noise = torch.randn((group.rows, h.shape[1]), generator=gen, device=h.device, dtype=h.dtype)
     return h + noise[group.offset: group.offset + group.local] * (frac * sigma)
+
+
+def _dead_terms_static(
+    sae: TopKSAE,
+    cfg: TrainConfig,
+    h: Tensor,  # [B, d] clean batch
+    h_hat: Tensor,  # [B, d]
+    e: Optional[Tensor],  # [B, d] element-wise errors (ghost grads), else None
+    s_clean: Tensor,  # [B] input rescale of the clean batch
+    dead_mask: Tensor,  # [m] bool
+) -> tuple[Tensor, Tensor]:
+    """(L_ghost, L_aux) with fixed shapes and no host synchronisation, for a CUDA-graph step.
+
+    The eager path gathers the |D| dead columns (``nonzero``: a data-dependent shape). Here the
+    pre-activations of all m latents are formed and the live ones set to -inf, so that they drop out
+    exactly: exp(-inf) = 0 in the ghost sum, and relu(-inf) = 0 for the AuxK picks beyond |D|; their
+    gradients are 0. Each term is then zeroed when no latent is dead, as the eager path skips it.
+    Costs a dense ``[B, d] x [d, m]`` product (and its backward) where the eager one is ``[B, |D|]``.
+    """
+    x_clean = h * s_clean[:, None]  # [B, d]
+    pre = sae.preactivations(x_clean)  # [B, m]
+    pre = pre.masked_fill(~dead_mask, float("-inf"))
+    any_dead = dead_mask.any()  # 0-dim bool, stays on the device
+    zero = h.new_zeros(())
+    if cfg.dead_latents == "ghost":
+        assert e is not None
+        scale = cfg.lambda_mse if cfg.loss_version == "v1" else 1.0
+        l_ghost = ghost_grad_loss(pre, sae.W_dec, h - h_hat, e, normalization=cfg.mse_normalization,
+                                  ratio_scale=scale)
+        return torch.where(any_dead, l_ghost, zero), zero
+    # AuxK: the eager k_aux = min(d/2, |D|); taking min(d/2, m) picks every dead latent the eager path
+    # picks, plus -inf entries that decode to 0.
+    x_hat = h_hat * s_clean[:, None]
+    ids = torch.arange(sae.m, device=h.device)
+    l_aux = auxk_loss(pre, ids, sae.W_dec, x_clean - x_hat, min(sae.d // 2, sae.m))
+    return zero, torch.where(any_dead, l_aux, zero)
 
 
 def sae_losses(
@@ -219,21 +260,33 @@ def sae_losses(
     *,
     dead_mask: Optional[Tensor] = None,  # [m] bool, dead set D before this step's update
     stopgrad_class: bool = False,
-    loss_weight: float = 1.0,
+    loss_weight: Union[float, Tensor] = 1.0,
     noise_gen: Optional[torch.Generator] = None,
     group: "Optional[BatchGroup]" = None,
+    static: bool = False,
+    noise: Optional[Tensor] = None,
 ) -> LossOutput:
     """Forward pass and every loss term of one batch.
 
     ``loss_weight`` is v1's decay w(e) (1 in v2). ``stopgrad_class`` selects the second-phase decoding.
     ``group``: distributed step, ``h`` is this rank's slice of the global batch and every term is this
     rank's share (module docstring).
+    ``static``: fixed shapes and no host synchronisation (what a CUDA graph can hold): the dead-latent
+    terms are formed over all m latents with the live ones masked out (:func:`_dead_terms_static`), and
+    ``loss_weight`` may be a 0-dim tensor. Same values as the eager path up to rounding.
+    ``noise``: the v1 input noise's standard-normal draw ``[B, d]`` (drawn here from ``noise_gen`` when
+    None).
     """
+    if static and group is not None:
+        raise ValueError("sae_losses: static=True is single-process only (group must be None)")
     classif = sae.cfg.architecture == "classif_topk"
-    h_in = _add_noise(h, cfg.input_noise, noise_gen, group) if cfg.input_noise > 0 else h
+    h_in = _add_noise(h, cfg.input_noise, noise_gen, group, noise) if cfg.input_noise > 0 else h
     code = sae.encode(h_in)
     h_hat = sae.decode(code.values, code.indices, code.scale, stopgrad_class=stopgrad_class)
-    dead = dead_mask is not None and cfg.dead_latents != "none" and bool(dead_mask.any())
+    if static:  # the dead set's size is not looked at (a host synchronisation)
+        dead = dead_mask is not None and cfg.dead_latents != "none"
+    else:
+        dead = dead_mask is not None and cfg.dead_latents != "none" and bool(dead_mask.any())
     if (dead and cfg.dead_latents == "ghost") or group is not None:
         # Ghost grads weight by the element-wise errors e [B, d]; a distributed step needs the global
         # batch's mean for the normaliser, which only the element-wise form takes.
@@ -243,7 +296,11 @@ def sae_losses(
         l_mse = weighted_mse(h_hat, h, normalization=cfg.mse_normalization)
     zero = h.new_zeros(())
     l_ghost, l_aux = zero, zero
-    if dead:
+    if dead and static:
+        s_clean = code.scale if h_in is h else sae.input_scale(h)  # [B]
+        l_ghost, l_aux = _dead_terms_static(sae, cfg, h, h_hat, e if cfg.dead_latents == "ghost" else None,
+                                            s_clean, dead_mask)
+    elif dead:
         dead_idx = torch.nonzero(dead_mask).squeeze(1)
         # Pre-activations of the dead columns from the clean input (the first pass's values, method.md 2.3).
         s_clean = code.scale if h_in is h else sae.input_scale(h)  # [B]

@@ -132,9 +132,12 @@ class TopKSAE(nn.Module):
         k = self.cfg.k
         return SparseCode(values.reshape(*lead, k), indices.reshape(*lead, k), s.reshape(lead))
 
-    def preactivations(self, x: Tensor, latents: Tensor) -> Tensor:
+    def preactivations(self, x: Tensor, latents: Optional[Tensor] = None) -> Tensor:
         """``pre[:, latents] = x @ W_enc[:, latents] + b_enc[latents]`` for rescaled inputs ``x [N, d]``:
-        ``[N, |latents|]`` (the dead columns needed by ghost grads / AuxK; differentiable)."""
+        ``[N, |latents|]``, or ``[N, m]`` for all latents when ``latents`` is None (the dead columns needed
+        by ghost grads / AuxK; differentiable)."""
+        if latents is None:
+            return torch.addmm(self.b_enc, x, self.W_enc)
         return torch.addmm(self.b_enc[latents], x, self.W_enc[:, latents])
 
     def decode(

@@ -27,6 +27,7 @@ from .checkpoint import FiringStats, checkpoint_name, load_checkpoint, save_chec
 from .config_sae import SAEConfig, TrainConfig, resolve_device
 from .losses import LossOutput, sae_losses
 from .sae import TopKSAE, build_sae
+from .train_graph import GraphStep
 from .train_state import DataOrder, EpochCounter, FiringTracker, lr_at
 
 logger = logging.getLogger("concept_ext")
@@ -100,7 +101,14 @@ class Trainer:
         self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata = dict(metadata or {})
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        if cfg.cuda_graph and distributed.enabled():
+            raise ValueError("TrainConfig.cuda_graph is single-process only: turn it off under torchrun")
+        self._graph: Optional[GraphStep] = None
+        # cuda_graph on CUDA: Adam keeps its step count on the device and reads the learning rate from a
+        # device tensor, so that a graph replay advances both (capturable).
+        capturable = cfg.cuda_graph and self.device.type == "cuda"
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    capturable=capturable, foreach=True if capturable else None)
         self.firing = FiringTracker(sae.m, self.device)
         self.order = DataOrder(self.n_train, cfg.seed, self.device)
         self.step = 0
@@ -113,6 +121,11 @@ class Trainer:
         self._group: Optional[distributed.BatchGroup] = None
         self._ddp = distributed.wrap_ddp(distributed.LossModule(self.sae, sae_losses)) if (
             distributed.enabled()) else None
+        if cfg.cuda_graph:
+            self._graph = GraphStep(self)
+            if capturable:
+                for group in self.opt.param_groups:
+                    group["lr"] = self._graph.lr
 
     # --------------------------------------------------------------------------------------------
 
@@ -142,8 +155,24 @@ class Trainer:
             return self.cfg.batch_size // 2  # oddity 19: 2000- and 1000-row batches alternate
         return self.cfg.batch_size
 
+    def _loss_weight(self) -> float:
+        """v1's linear decay w(e) of the ClassifSAE's non-classifier terms (1 otherwise)."""
+        if self.cfg.loss_version == "v1" and self.sae.cfg.architecture == "classif_topk":
+            return max(0.0, 1.0 - self.epoch / self.e_total)
+        return 1.0
+
+    def check_finite(self) -> None:
+        """With ``cuda_graph``: raise ``FloatingPointError`` if a step since the start had a non-finite loss
+        (the eager step checks every step itself, so this does nothing there)."""
+        if self._graph is not None:
+            self._graph.check()
+
     def train_step(self) -> LossOutput:
-        """One optimisation step (method.md 2.4 order). Raises FloatingPointError on a non-finite loss."""
+        """One optimisation step (method.md 2.4 order). Raises FloatingPointError on a non-finite loss
+        (with ``cuda_graph``, at the next :meth:`check_finite` instead: log steps, checkpoints, the end).
+        With ``cuda_graph`` the returned tensors are overwritten by a later step of the same shape."""
+        if self._graph is not None:
+            return self._graph.step()
         cfg, sae = self.cfg, self.sae
         sae.normalize_decoder()  # (1)
         self.epochs.advance(cfg.batch_size)  # counts B per step (nominal under oddity 19)
@@ -155,9 +184,7 @@ class Trainer:
         h = self.h[idx]
         labels = self.labels[idx] if self.labels is not None else None
         self._last_batch = (h, labels)  # for the metrics of log steps
-        weight = 1.0
-        if cfg.loss_version == "v1" and sae.cfg.architecture == "classif_topk":
-            weight = max(0.0, 1.0 - self.epoch / self.e_total)  # v1 linear decay w(e)
+        weight = self._loss_weight()
         dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
         opts = dict(dead_mask=dead, stopgrad_class=self.stopgrad_active, loss_weight=weight,
                     noise_gen=self.noise_gen)
@@ -232,6 +259,7 @@ class Trainer:
             while self.step < stop:
                 out = self.train_step()
                 if self.step % cfg.log_every == 0 or self.step == stop:
+                    self.check_finite()
                     metrics = self._metrics(out)
                     self.history.append(metrics)
                     bar.set_postfix(
@@ -287,7 +315,7 @@ class Trainer:
             "epoch": self.epochs.epoch,
             "sample_count": self.epochs.count,
             "order": self.order.state(),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self._portable_optimizer_state(),
             "noise_rng": self.noise_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "samples_seen": self.firing.samples_seen,
@@ -301,14 +329,39 @@ class Trainer:
         self.epochs.epoch, self.epochs.count = int(state["epoch"]), int(state["sample_count"])
         self.order.load(state["order"])
         self.opt.load_state_dict(state["optimizer"])
+        self._fit_optimizer_state()
         self.noise_gen.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.firing.counts.copy_(state["counts"])
         self.firing.steps_since.copy_(state["steps_since"])
         self.firing.samples_seen = int(state["samples_seen"])
+        if self._graph is not None:  # the optimiser's state tensors were replaced: capture again
+            self._graph.reset()
+
+    def _portable_optimizer_state(self) -> dict[str, Any]:
+        """The optimiser's state_dict in the eager trainer's form (float lr, step counts on the CPU, not
+        capturable), whichever mode saved it, so that a checkpoint resumes in either mode."""
+        sd = self.opt.state_dict()
+        groups = [dict(g, lr=float(g["lr"]), capturable=False) for g in sd["param_groups"]]
+        state = {i: {k: (v.detach().cpu() if k == "step" and isinstance(v, Tensor) else v) for k, v in st.items()}
+                 for i, st in sd["state"].items()}
+        return {"state": state, "param_groups": groups}
+
+    def _fit_optimizer_state(self) -> None:
+        """After a load: this trainer's optimiser mode (capturable with a device lr, or plain)."""
+        capturable = self._graph is not None and self._graph.capture
+        for group in self.opt.param_groups:
+            group["capturable"] = capturable
+            group["lr"] = self._graph.lr if capturable else float(group["lr"])
+            for p in group["params"]:
+                st = self.opt.state.get(p, {})
+                if isinstance(st.get("step"), Tensor):
+                    st["step"] = (st["step"].to(p.device, torch.float32) if capturable
+                                  else st["step"].detach().cpu())
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write a checkpoint (with trainer state when cfg.save_trainer_state)."""
+        self.check_finite()  # never write weights that a non-finite step has touched
         state = self.state_dict() if self.cfg.save_trainer_state else None
         if distributed.is_main():  # every rank holds the same state; rank 0 writes it (atomically)
             self.last_checkpoint = save_checkpoint(

@@ -51,11 +51,16 @@ class FiringTracker:
 
     def update(self, values: Tensor, indices: Tensor) -> None:
         """Count positive entries of the code ``values/indices [B, k]`` (inactive when <= 0)."""
-        batch = torch.bincount(indices[values > 0], minlength=self.counts.numel())
-        self.counts += batch
-        self.steps_since += 1
-        self.steps_since[batch > 0] = 0
+        self.count(values, indices)
         self.samples_seen += values.shape[0]
+
+    def count(self, values: Tensor, indices: Tensor) -> None:
+        """The device half of :meth:`update` (no ``samples_seen``): fixed shapes and no host
+        synchronisation, so a CUDA graph can hold it (``bincount`` and boolean indexing would sync)."""
+        fired = (values > 0).reshape(-1).to(self.counts.dtype)  # [B k]
+        batch = torch.zeros_like(self.counts).index_add_(0, indices.reshape(-1).long(), fired)  # [m]
+        self.counts += batch
+        self.steps_since.add_(1).masked_fill_(batch > 0, 0)
 
     def stats(self) -> FiringStats:
         return FiringStats(self.counts.clone(), self.steps_since.clone(), self.samples_seen)

@@ -19,17 +19,21 @@ def test_run_gpu_cpu_smoke(tmp_path, capsys):
     assert saved["device"] == record["device"] and saved["ceilings"]["copy_GBps"] > 0
     ops = {r["op"] for r in saved["results"]}
     assert ops == {"encode", "decode_fwd_bwd", "activation_rate_fwd_bwd", "train_step", "ablate_decode",
-                   "classifsae_step"}
+                   "classifsae_step", "trainer_step"}
     for r in saved["results"]:
         assert "error" not in r, r
         assert r["ok"], r  # every implementation agrees with the reference within tolerance
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
     ours = [r for r in saved["results"] if r["impl"] == "ours"]
-    assert len(ours) == 6 and all(r["ratio_to_best_other"] is not None for r in ours)
+    assert len(ours) == 7 and all(r["ratio_to_best_other"] is not None for r in ours)
     # The padded ablation pass is timed and checked (after compaction) next to the compact one.
     assert any(r["op"] == "ablate_decode" and r["impl"] == "ours_padded" for r in saved["results"])
     # The whole-step rows count the dispatched ops of a step (CPU; launches on CUDA).
     steps = [r for r in saved["results"] if r["op"] == "classifsae_step"]
     assert {r["impl"] for r in steps} == {"ours", "eager"}  # ours_graph needs CUDA
     assert all(r["ops_per_step"] > 0 for r in steps) and saved["ceilings"]["launch_us"] > 0
+    # The real Trainer.train_step, cuda_graph against eager (on CPU the graph step runs eagerly).
+    trainer = [r for r in saved["results"] if r["op"] == "trainer_step"]
+    assert {r["impl"] for r in trainer} == {"ours", "trainer_eager"}
+    assert all(r["ops_per_step"] > 0 for r in trainer)
     assert "wrote" in capsys.readouterr().out.splitlines()[-1]
