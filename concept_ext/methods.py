@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .runstate import float32_list
+
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Pipeline
 
@@ -177,13 +179,13 @@ def evaluate_method(p: "Pipeline", method: str, seed: int, fit_dir: Path) -> dic
     n_classes = len(p.class_names)
     means = torch.stack([acts[labels == c].mean(0) if bool((labels == c).any()) else torch.zeros(acts.shape[1])
                          for c in range(n_classes)]) if acts.shape[1] else torch.zeros((n_classes, 0))
-    out["class_concept_means"] = means.tolist()
+    out["class_concept_means"] = float32_list(means)
     gen = torch.Generator().manual_seed(0)
     rows = torch.randperm(acts.shape[0], generator=gen)[:2000]
-    out["act_values"] = acts[rows].t().tolist()
+    out["act_values"] = float32_list(acts[rows].t())  # [|F|, <= 2000] for the histograms
     if method in SAE_METHODS:
         w = model.directions().float()  # [m, d]
         w = w - w.mean(0)
         _, _, v = torch.pca_lowrank(w, q=2, center=False)
-        out["decoder_pca"] = (w @ v[:, :2]).tolist()
+        out["decoder_pca"] = float32_list(w @ v[:, :2])
     return out

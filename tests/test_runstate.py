@@ -1,6 +1,7 @@
 """Atomic writers of run state (runstate.py): contents, permission bits, no temporary files left."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from concept_ext.concepts import _atomic_save_tensors
-from concept_ext.runstate import atomic_write_json, atomic_write_text, default_file_mode
+from concept_ext.runstate import atomic_write_json, atomic_write_text, default_file_mode, dumps_json, float32_list
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def _mode(path) -> int:
 def test_atomic_text_has_umask_mode_and_no_leftovers(tmp_path, umask_022):
     path = tmp_path / "sub" / "a.json"
     atomic_write_json(path, {"x": [1, 2]})
-    assert path.read_text() == '{\n  "x": [\n    1,\n    2\n  ]\n}\n'
+    assert path.read_text() == '{\n  "x": [1, 2]\n}\n'
     # mkstemp's 0600 must not leak into published outputs.
     assert _mode(path) == 0o644 == default_file_mode()
     atomic_write_text(path, "second")
@@ -46,3 +47,23 @@ def test_failed_write_leaves_old_file(tmp_path):
         atomic_write_text(path, object())  # type: ignore[arg-type]
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_dumps_json_puts_scalar_arrays_on_one_line_and_round_trips():
+    obj = {"a": [1, 2.5, -3e-05, None, True], "nested": [[1, 2], [3.0, -4]], "objs": [{"x": [1]}], "empty": [],
+           "mixed": ["s", 1], "special": [float("inf"), -float("inf")], "text": "[1,\n 2]"}
+    text = dumps_json(obj)
+    assert json.loads(text) == obj
+    assert '"a": [1, 2.5, -3e-05, null, true]' in text and "[1, 2]," in text and "[3.0, -4]" in text
+    assert '"mixed": [\n    "s",\n    1\n  ]' in text  # only arrays of scalars are folded
+    assert '"text": "[1,\\n 2]"' in text  # strings are left alone
+
+
+def test_float32_list_is_exact_and_short():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(300, 7, generator=gen) * 10.0 ** torch.randint(-30, 30, (300, 7), generator=gen)
+    t[0, :4] = torch.tensor([float("inf"), -0.0, 0.0, float("-inf")])
+    values = float32_list(t)
+    assert torch.equal(torch.tensor(values, dtype=torch.float32), t)  # every float32 value comes back
+    assert len(json.dumps(values)) < 0.75 * len(json.dumps(t.tolist()))
+    assert float32_list(torch.zeros(0, 3)) == [] and float32_list(torch.tensor(1.5)) == 1.5
