@@ -212,12 +212,13 @@ def trainer_impls(d: int, m: int, k: int, x: Tensor, labels: Tensor) -> tuple[di
     """:meth:`concept_ext.train.Trainer.train_step` itself (data order, ghost grads, firing counters and
     all), on batches of ``B = x.shape[0]`` rows drawn from a pool of 4B rows built from ``x``:
 
-    * ``ours``: ``TrainConfig(cuda_graph=True)``; on CUDA its first call also runs the warm-up steps and
-      the capture, so that the timed calls are replays;
+    * ``ours``: ``TrainConfig(cuda_graph=True)``; its first call runs the warm-up steps, the capture and
+      the first replay (on CUDA), so that the timed calls are replays;
     * ``trainer_eager``: the default eager step.
 
-    Both start from the same weights. Each returns ``(loss, grad W_dec)`` of its step; the check compares
-    the first step with the eager trainer's first step in float64."""
+    Both start from the same weights and their first call runs the same ``WARMUP_STEPS + 1`` steps. Each
+    returns ``(loss, grad W_dec)`` of its last step; the check compares the first call's (on CUDA a
+    replayed step, with dead latents in play) with the eager trainer's in float64 after as many steps."""
     from concept_ext.train import Trainer
     from concept_ext.train_graph import WARMUP_STEPS
 
@@ -234,18 +235,17 @@ def trainer_impls(d: int, m: int, k: int, x: Tensor, labels: Tensor) -> tuple[di
         return Trainer(build_sae(SAEConfig(**{**scfg.__dict__, "dtype": dtype})), tcfg,
                        pool.to(getattr(torch, dtype)), pool_labels)
 
+    first = WARMUP_STEPS + 1  # steps of the first call: on CUDA, warm-up, capture, and one replay
+
     def impl(tr: Trainer) -> Step:
         calls = [0]
 
         def step() -> tuple[Tensor, Tensor]:
-            out = tr.train_step()
-            result = out.terms.total, tr.sae.W_dec.grad
             calls[0] += 1
-            if calls[0] == 1 and tr._graph is not None and tr._graph.capture:
-                result = tuple(t.clone() for t in result)  # the replays below overwrite them
-                for _ in range(WARMUP_STEPS + 1):  # warm-up steps and the capture, untimed
-                    tr.train_step()
-            return result
+            for _ in range(first - 1 if calls[0] == 1 else 0):  # untimed: the first call is the check
+                tr.train_step()
+            out = tr.train_step()
+            return out.terms.total, tr.sae.W_dec.grad
 
         return step
 
@@ -253,9 +253,10 @@ def trainer_impls(d: int, m: int, k: int, x: Tensor, labels: Tensor) -> tuple[di
     want: list[Tensor] = []
 
     def check(out: tuple[Tensor, Tensor]) -> float:
-        if not want:
+        if not want:  # the eager trainer in float64, after the same number of steps
             ref = trainer(False, "float64")
-            o = ref.train_step()
+            for _ in range(first):
+                o = ref.train_step()
             want.extend([o.terms.total.detach().clone(), ref.sae.W_dec.grad.clone()])
             del ref
         loss, grad = out

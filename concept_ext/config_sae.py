@@ -191,9 +191,10 @@ class TrainConfig:
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; the activations are held there."""
     cuda_graph: bool = False
     """Run each step as one CUDA graph replay (CUDA devices): fixed-shape dead-latent terms over all m
-    latents, no host synchronisation in the step, and the loss checked for finiteness at log steps,
-    checkpoints and the end instead of every step. On a CPU device the same step runs eagerly. Not with
-    torchrun (distributed) training."""
+    latents, no host synchronisation in the step (a new data permutation is still uploaded once per pass),
+    and the loss checked for finiteness at log steps, checkpoints and the end instead of every step. On a
+    CPU device the same step runs eagerly. Not with torchrun (distributed) training. Not part of the
+    pipeline's stage fingerprints: it changes how, not what, is trained."""
     log_every: int = 50
     """Steps between metric logs (progress bar, logger, wandb)."""
     checkpoint_every: int = 0

@@ -254,7 +254,14 @@ class Pipeline:
 
     def _method_config(self, method: str) -> Any:
         c = self.cfg
-        return {"ClassifSAE": [c.sae, c.train_classifsae], "SAE": [c.sae, c.train_sae, c.baselines.probe],
+
+        def how_not_what(t: Any) -> dict:
+            # TrainConfig.cuda_graph changes how, not what, is trained (the same step up to rounding): left
+            # out of the fingerprint, so that turning it on (or a run from before it existed) resumes.
+            return {k: v for k, v in dataclasses.asdict(t).items() if k != "cuda_graph"}
+
+        return {"ClassifSAE": [c.sae, how_not_what(c.train_classifsae)],
+                "SAE": [c.sae, how_not_what(c.train_sae), c.baselines.probe],
                 "ICA": [c.baselines.ica], "ConceptSHAP": [c.baselines.conceptshap],
                 "HI-Concept": [c.baselines.hiconcept]}[method] + [c.baselines.select]
 

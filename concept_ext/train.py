@@ -126,6 +126,8 @@ class Trainer:
             if capturable:
                 for group in self.opt.param_groups:
                     group["lr"] = self._graph.lr
+                # Its warning about capturable steps run uncaptured concerns the warm-up steps, on purpose.
+                self.opt._warned_capturable_if_run_uncaptured = True
 
     # --------------------------------------------------------------------------------------------
 
@@ -353,6 +355,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["capturable"] = capturable
             group["lr"] = self._graph.lr if capturable else float(group["lr"])
+            group["foreach"] = True if capturable else group.get("foreach")
             for p in group["params"]:
                 st = self.opt.state.get(p, {})
                 if isinstance(st.get("step"), Tensor):

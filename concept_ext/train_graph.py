@@ -21,7 +21,9 @@ training steps. On a CPU device the same step runs eagerly, which is how CI test
 
 A graph holds the addresses of the parameters, the optimiser state and the firing counters: change
 them in place (``copy_``), or call :meth:`GraphStep.reset` after replacing them
-(:meth:`Trainer.load_state_dict` does). The dead-latent terms cost a dense ``[B, d] x [d, m]`` product
+(:meth:`Trainer.load_state_dict` does). Each graph allocates its own gradients, so ``p.grad`` shows the
+gradients of the graph captured last, not necessarily of the last step. The first phase's graphs are
+freed at the stop-gradient switch. The dead-latent terms cost a dense ``[B, d] x [d, m]`` product
 every step, where the eager step's costs ``[B, |D|]`` and only when some latent is dead.
 """
 
@@ -73,8 +75,8 @@ class GraphStep:
         self.trainer = trainer
         dev, dt = trainer.device, trainer.sae.W_enc.dtype
         self.capture = dev.type == "cuda"
-        #: The step's learning rate, read by the capturable Adam on CUDA (0-dim, float32).
-        self.lr = torch.tensor(trainer.cfg.lr, dtype=torch.float32, device=dev)
+        #: The step's learning rate, read by the capturable Adam on CUDA (0-dim, the parameters' dtype).
+        self.lr = torch.tensor(trainer.cfg.lr, dtype=dt, device=dev)
         #: v1's decay weight w(e) of the step (0-dim).
         self.weight = torch.ones((), dtype=dt, device=dev)
         #: The trainer's step count, advanced inside the step (0-dim int64).
@@ -85,15 +87,19 @@ class GraphStep:
         self.slots: dict[tuple[int, bool], _Slot] = {}
 
     def reset(self) -> None:
-        """Forget the captured graphs (after the optimiser state or the weights were replaced), and set
-        the device step count to the trainer's."""
+        """Forget the captured graphs (after the optimiser state or the weights were replaced), set the
+        device step count to the trainer's and clear the non-finite record (a reloaded state is clean)."""
         self.slots.clear()
         self.step_t.fill_(self.trainer.step)
+        self.bad_step.fill_(-1)
 
     # ---------------------------------------------------------------------------------------------
 
     def _slot(self, rows: int, stopgrad: bool) -> _Slot:
         key = (rows, stopgrad)
+        if stopgrad:  # the phase switch is for good (the epoch only grows): free the first phase's graphs
+            for old in [kk for kk in self.slots if not kk[1]]:
+                del self.slots[old]
         if key not in self.slots:
             t = self.trainer
             d, dev, dt = t.sae.d, t.device, t.h.dtype
@@ -133,23 +139,29 @@ class GraphStep:
                               None if out.logits is None else out.logits.detach())
 
     def _run_cuda(self, slot: _Slot) -> None:
+        # Called inside torch.cuda.device(the trainer's device): "current" below is that device's.
+        dev = self.trainer.device
         if slot.graph is not None:
             slot.graph.replay()
             return
         if slot.warm < WARMUP_STEPS:
             # Warm-up on a side stream, as torch.cuda.graphs asks: cuBLAS workspaces, the allocator,
             # Adam's lazily created state. These are real training steps.
-            side = torch.cuda.Stream(device=self.trainer.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._body(slot)
-            torch.cuda.current_stream().wait_stream(side)
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            try:
+                with torch.cuda.stream(side):
+                    self._body(slot)
+            finally:  # also on an error: a later check() must not read the record before the step wrote it
+                torch.cuda.current_stream(dev).wait_stream(side)
             slot.warm += 1
             return
         graph = torch.cuda.CUDAGraph()
         self.trainer.opt.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
         try:
-            with torch.cuda.graph(graph):  # records the step without running it ...
+            # An explicit capture stream on the trainer's device: torch.cuda.graph's default one is made
+            # once, on whichever device was current the first time.
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=dev)):  # records the step ...
                 self._body(slot)
         except RuntimeError as exc:
             raise RuntimeError(
@@ -180,7 +192,8 @@ class GraphStep:
         self.weight.fill_(t._loss_weight())
         try:
             if self.capture:
-                self._run_cuda(slot)
+                with torch.cuda.device(t.device):  # the trainer's GPU, whichever is current
+                    self._run_cuda(slot)
             else:
                 self._body(slot)
         except RuntimeError as exc:  # e.g. the CPU encoder's NaN check, after an unchecked bad step
@@ -199,7 +212,7 @@ class GraphStep:
         if bad >= 0:
             vals = dict(zip(LossTerms._fields, self.bad_terms.tolist()))
             raise FloatingPointError(
-                f"non-finite loss at step {bad} (0-based): {vals}; found at step {self.trainer.step} "
+                f"non-finite loss at step {bad} (0-based): {vals}; found after {self.trainer.step} steps "
                 "(cuda_graph checks at log steps and checkpoints): the weights after step "
                 f"{bad} are not usable, resume from the last checkpoint"
             ) from cause

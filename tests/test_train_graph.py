@@ -3,7 +3,7 @@
 On CPU the step runs eagerly with the code a CUDA graph would hold; these tests check that it trains
 exactly like the eager step (up to rounding), that it contains no operation that synchronises the host
 with a CUDA device, that a non-finite loss still stops training before a checkpoint, and that
-checkpoints resume across the two modes. The capture itself is tested in test_ops_cuda.py (CUDA only).
+checkpoints resume across the two modes. The capture itself is tested at the end of this file (CUDA only).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from concept_ext.train import Trainer
 #: value (item / bool), data-dependent output shapes, and bincount (which reads its input's maximum).
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
            "unique_consecutive", "unique_dim", "bincount", "is_nonzero", "item", "repeat_interleave",
-           "masked_scatter", "nonzero_static"}
+           "masked_scatter", "nonzero_static",
+           # a Python constant turned into a tensor (torch.tensor(...)): a host-to-device copy on CUDA
+           "lift_fresh", "lift_fresh_copy"}
 
 
 class SyncOps(TorchDispatchMode):
@@ -156,7 +158,7 @@ def test_non_finite_loss_stops_before_a_checkpoint(tmp_path):
         tr.sae.b_dec[0] = float("nan")
     # On CPU the encoder's own NaN check stops step 3, and the error names step 2 as the cause; on CUDA
     # the kernels go on and the checkpoint due after step 4's samples (64) is where the check runs.
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(0-based\).*found at step [34]"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(0-based\).*found after [34] steps"):
         tr.train()
     assert not any(tmp_path.iterdir())
 
@@ -177,6 +179,74 @@ def test_checkpoints_resume_across_modes(tmp_path):
         for (n, p), (_, q) in zip(full.sae.named_parameters(), res.sae.named_parameters()):
             assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), (first, second, n)
         assert torch.equal(full.firing.counts, res.firing.counts)
+
+
+def test_graph_step_keeps_its_buffers_in_place():
+    """What a CUDA graph holds by address: the batch buffers, the parameters, Adam's state and the firing
+    counters must not move between steps (on CPU, the stand-in for "the graph still points at them").
+    Slots are per (rows, phase); the first phase's are dropped at the switch."""
+    h, y = _data()
+    tr = _trainer(h, y, graph=True, alternate_half_batches=True, stopgrad_plain_sae=True)
+    for _ in range(2):  # steps 0 and 1: one of each batch size (the phase switches at step 4)
+        tr.train_step()
+    assert set(tr._graph.slots) == {(16, False), (8, False)}
+
+    def addresses():
+        ptrs = {f"slot{key}": (sl.h.data_ptr(), sl.labels.data_ptr()) for key, sl in tr._graph.slots.items()}
+        ptrs.update({n: p.data_ptr() for n, p in tr.sae.named_parameters()})
+        ptrs.update({f"adam{i}.{k}": v.data_ptr() for i, st in enumerate(tr.opt.state.values())
+                     for k, v in st.items()})
+        ptrs.update(counts=tr.firing.counts.data_ptr(), since=tr.firing.steps_since.data_ptr(),
+                    lr=tr._graph.lr.data_ptr(), weight=tr._graph.weight.data_ptr())
+        return ptrs
+
+    before = addresses()
+    for _ in range(2):
+        tr.train_step()
+    after = addresses()
+    assert after == before
+    while not tr.stopgrad_active:
+        tr.train_step()
+    tr.train_step()
+    tr.train_step()
+    assert set(tr._graph.slots) == {(16, True), (8, True)}
+
+
+def test_reset_after_a_bad_step_clears_the_record():
+    """Rolling the same trainer back (weights in place, then load_state_dict) after a FloatingPointError
+    trains on: the record of the bad step belongs to the discarded steps."""
+    import copy
+
+    h, y = _data()
+    tr = _trainer(h, y, graph=True)
+    tr.train(steps=2)
+    state, weights = copy.deepcopy(tr.state_dict()), copy.deepcopy(tr.sae.state_dict())
+    with torch.no_grad():
+        tr.sae.b_dec[0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        tr.train()
+    with torch.no_grad():
+        for name, t in tr.sae.state_dict().items():
+            t.copy_(weights[name])
+    tr.load_state_dict(state)
+    assert tr.step == 2
+    tr.train()
+    assert tr.step == 12
+
+
+def test_pipeline_fingerprint_ignores_cuda_graph(tmp_path):
+    """cuda_graph changes how, not what, is trained: turning it on must not redo the fit stages."""
+    from concept_ext.config_run import load_run_config
+    from concept_ext.pipeline import Pipeline
+    from concept_ext.runstate import fingerprint
+
+    cfg = load_run_config(None, ["device=cpu"])
+    on = load_run_config(None, ["device=cpu", "train_classifsae.cuda_graph=true", "train_sae.cuda_graph=true"])
+    off_fp = {m: fingerprint(Pipeline(cfg, tmp_path / "a")._method_config(m)) for m in ("ClassifSAE", "SAE")}
+    on_fp = {m: fingerprint(Pipeline(on, tmp_path / "b")._method_config(m)) for m in ("ClassifSAE", "SAE")}
+    assert off_fp == on_fp
+    other = load_run_config(None, ["device=cpu", "train_classifsae.lr=0.0123"])
+    assert fingerprint(Pipeline(other, tmp_path / "c")._method_config("ClassifSAE")) != off_fp["ClassifSAE"]
 
 
 def test_cuda_graph_is_refused_under_torchrun(monkeypatch):
@@ -204,7 +274,7 @@ def test_deferred_check_catches_a_non_finite_loss_at_the_next_checkpoint(tmp_pat
     monkeypatch.setattr(train_graph, "sae_losses", nan_on_third_call)
     h, y = _data()
     tr = _trainer(h, y, graph=True, out_dir=tmp_path, checkpoint_every=16 * 4, log_every=100)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(0-based\).*found at step 4"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(0-based\).*found after 4 steps"):
         tr.train()
     assert tr.step == 4 and not any(tmp_path.iterdir())
 
@@ -214,7 +284,7 @@ def test_deferred_check_catches_a_non_finite_loss_at_the_next_checkpoint(tmp_pat
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _cuda_trainer(graph, **kw):
+def _cuda_trainer(graph, out_dir=None, **kw):
     gen = torch.Generator().manual_seed(5)
     h = (torch.randn(4096, 64, generator=gen) + 0.3).cuda()
     y = torch.randint(0, 3, (4096,), generator=gen).cuda()
@@ -222,24 +292,53 @@ def _cuda_trainer(graph, **kw):
     vals = dict(total_samples=64 * 10**4, batch_size=64, lr=1e-3, dead_window=1, progress=False,
                 device="cuda", log_every=10**9)
     vals.update(kw)
-    return Trainer(build_sae(scfg), TrainConfig(cuda_graph=graph, **vals), h, y)
+    return Trainer(build_sae(scfg), TrainConfig(cuda_graph=graph, **vals), h, y, out_dir=out_dir)
+
+
+CUDA_CASES = {
+    "ghost": {},
+    "auxk": {"dead_latents": "auxk"},
+    # 64 * 30 samples: the lr schedule moves, the stop-gradient phase starts at step 15 and both batch
+    # sizes get graphs in both phases (8 graphs captured in all, 4 freed at the switch).
+    "v1_noise_half_batches_phases": {"loss_version": "v1", "input_noise": 0.2, "alternate_half_batches": True,
+                                     "total_samples": 64 * 30, "stopgrad_plain_sae": True},
+    "v2_phases_half_batches": {"alternate_half_batches": True, "total_samples": 64 * 30},
+}
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["ghost", "auxk"])
-def test_cuda_graph_step_is_captured_and_trains_like_eager(kind):
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_cuda_graph_step_is_captured_and_trains_like_eager(case):
     from concept_ext.train_graph import WARMUP_STEPS
 
-    eager, graph = _cuda_trainer(False, dead_latents=kind), _cuda_trainer(True, dead_latents=kind)
-    for step in range(12):
+    kw = dict(CUDA_CASES[case])
+    eager, graph = _cuda_trainer(False, **kw), _cuda_trainer(True, **kw)
+    steps = min(eager.cfg.total_steps, 30)
+    for step in range(steps):
         a, b = eager.train_step(), graph.train_step()
-        assert torch.allclose(a.terms.total, b.terms.total, rtol=2e-3, atol=1e-5), (kind, step)
+        assert torch.allclose(a.terms.total, b.terms.total, rtol=5e-3, atol=1e-5), (case, step)
     assert all(s.graph is not None for s in graph._graph.slots.values())
-    assert graph.step == 12 and graph._graph.slots[(64, False)].warm == WARMUP_STEPS
+    assert graph.step == steps and all(s.warm == WARMUP_STEPS for s in graph._graph.slots.values())
     for (n, p), (_, q) in zip(eager.sae.named_parameters(), graph.sae.named_parameters()):
-        assert torch.allclose(p, q, rtol=2e-3, atol=1e-5), (kind, n, float((p - q).abs().max()))
-    assert torch.equal(eager.firing.counts, graph.firing.counts)
+        assert torch.allclose(p, q, rtol=5e-3, atol=1e-5), (case, n, float((p - q).abs().max()))
+    # A near-tie in the top-k may fall the other way after different GEMM roundings: counts nearly equal.
+    assert (eager.firing.counts - graph.firing.counts).abs().sum() <= 0.01 * eager.firing.counts.sum()
     graph.check_finite()
+
+
+@cuda
+def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
+    kw = {"alternate_half_batches": True, "total_samples": 64 * 24}
+    full = _cuda_trainer(True, **kw)
+    full.train()
+    part = _cuda_trainer(True, out_dir=tmp_path, **kw)
+    part.train(steps=9)
+    path = part.save(tmp_path / "mid")
+    resumed = Trainer.resume(path, part.h, part.labels)
+    assert resumed._graph is not None and resumed.step == 9
+    resumed.train()
+    for (n, p), (_, q) in zip(full.sae.named_parameters(), resumed.sae.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n
 
 
 @cuda
