@@ -58,6 +58,7 @@ _cuda._poison = _poison
 # and 287 MiB tests, which need a real device or route to the CPU kernels.
 test_topk_encode = _cuda.test_topk_encode
 test_topk_encode_ties_and_noncontiguous = _cuda.test_topk_encode_ties_and_noncontiguous
+test_topk_encode_transposed_weight_layout = _cuda.test_topk_encode_transposed_weight_layout
 test_topk_encode_backward = _cuda.test_topk_encode_backward
 test_sparse_decode = _cuda.test_sparse_decode
 test_sparse_decode_noncontiguous = _cuda.test_sparse_decode_noncontiguous

@@ -152,6 +152,37 @@ def test_topk_encode_backward():
     assert gx.shape == (0, 5) and (gw == 0).all() and (gb == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_encode_transposed_weight_layout(dtype):
+    """W_enc held as nn.Linear's row-major [m, d] and passed transposed (how TopKSAE keeps it): the same
+    results as a row-major [d, m] W_enc, and grad_W_enc in W_enc's own layout (no relayout copies)."""
+    g = _gen(13)
+    n, d, m, k = 45, 24, 130, 7
+    x, b = _randn(n, d, dtype=dtype, g=g), _randn(m, dtype=dtype, g=g)
+    W_t = _randn(m, d, dtype=dtype, g=g)  # [m, d] row-major
+    W = W_t.t()  # [d, m] view, strides (1, d)
+    assert W.stride() == (1, d)
+    _poison()
+    values, indices = OPS_NS.topk_encode(x, W, b, k)
+    _check_topk(x, W, b, k, values, indices, dtype)
+    rv, _ = OPS_NS.topk_encode(x, W.contiguous(), b, k)  # the GEMM may round differently per layout
+    _close(values, rv, dtype, scale=4.0)
+    gv = _randn(n, k, dtype=dtype, g=g)
+    _poison()
+    gx, gw, gb = OPS_NS.topk_encode_backward(gv, values, indices, x, W)
+    assert gw.shape == (d, m) and gw.stride() == W.stride(), gw.stride()
+    want = ref.topk_encode_backward(gv, values, indices, x, W)
+    for a, e in zip((gx, gw, gb), want):
+        _close(a, e, dtype, scale=4.0)
+    # Through autograd into the [m, d] leaf: the gradient lands without a layout copy.
+    leaf = W_t.clone().requires_grad_(True)
+    v, _ = concept_ext.topk_encode(x, leaf.t(), b, k)
+    v.backward(gv)
+    _close(leaf.grad.t(), want[1], dtype, scale=4.0)
+    # A row-major W_enc still gets a row-major gradient.
+    assert OPS_NS.topk_encode_backward(gv, values, indices, x, W.contiguous())[1].is_contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse_decode
 # --------------------------------------------------------------------------------------------------

@@ -14,8 +14,12 @@
 // wrapper rejects non-finite inputs outside graph capture. No host syncs.
 // CONCEPT_EXT_TOPK_SELECT=radix (read per call) forces the general path, for A/B benchmarks and tests.
 //
-// Backward: one block per (row, column tile): grad_x by a gather of W_enc^T rows (a transposed copy
-// makes the gather coalesced); grad_W_enc^T and grad_b_enc by fp32/fp64 atomics over the N*k selected
+// Layout: W_enc is read in place whether it is [d, m] row-major or, as TopKSAE holds it, the transpose
+// of a row-major [m, d] matrix; the GEMM takes either, and grad_W_enc comes back in W_enc's layout.
+//
+// Backward: one block per (row, column tile): grad_x by a gather of W_enc^T rows (W_enc^T is W_enc's own
+// memory in the transposed layout, a transposed copy otherwise, so that the gather is coalesced);
+// grad_W_enc^T and grad_b_enc by fp32/fp64 atomics over the N*k selected
 // pairs (so the summation order, hence the last bits, is not deterministic), or, with `deterministic`
 // (PyTorch's deterministic mode), by the sorted bucket reduction of buckets.cuh; no [N, m] tensor.
 #include "buckets.cuh"
@@ -238,6 +242,12 @@ bool mm_to_float32(const Tensor& a, const Tensor& b, Tensor* out) {
 #endif
 }
 
+// True when the 2-D t is the transpose of a contiguous matrix (strides (1, rows)): W_enc held as
+// nn.Linear's [m, d] weight and passed transposed, as TopKSAE does (the CPU kernel's rule too).
+bool is_transposed_contiguous(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {
@@ -260,7 +270,10 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
   // 16-bit x and W_enc go to the GEMM as they are (mm_to_float32); otherwise both are widened to acc.
   bool half_gemm = x.scalar_type() == W_enc.scalar_type() && x.scalar_type() != acc;
   Tensor xa = half_gemm ? contig(x) : contig(to_dtype(x, acc));
-  Tensor wa = half_gemm ? contig(W_enc) : contig(to_dtype(W_enc, acc));
+  // W_enc goes to the GEMM in its own layout: TopKSAE keeps it as nn.Linear's row-major [m, d] storage
+  // seen transposed (strides (1, d)), which cuBLAS reads as a transposed operand. A contiguous copy here
+  // would cost a full read and write of the weight on every call.
+  Tensor wa = half_gemm ? W_enc : to_dtype(W_enc, acc);
   Tensor b = contig(b_enc);
   Tensor keys = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(key_dtype));
   Tensor ids = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(ScalarType::Int));
@@ -274,7 +287,7 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
     if (!(half_gemm && mm_to_float32(xr, wa, &pre))) {
       if (half_gemm) {  // the 16-bit GEMM is unavailable: widen both from now on
         xa = contig(to_dtype(xa, acc));
-        wa = contig(to_dtype(wa, acc));
+        wa = to_dtype(wa, acc);
         xr = torch::stable::narrow(xa, 0, start, r);
         half_gemm = false;
       }
@@ -348,7 +361,10 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cuda(Tensor grad_values,
   } else if (n > 0) {
     torch::stable::zero_(grad_x);
   }
-  Tensor grad_w = contig(to_dtype(torch::stable::transpose(grad_w_t, 0, 1), W_enc.scalar_type()));  // [d, m]
+  // [d, m] in W_enc's layout where that is the transposed one (then grad_w_t's own memory, no copy, and
+  // autograd keeps it as the parameter's gradient without the copy its layout contract would make).
+  Tensor grad_w = to_dtype(torch::stable::transpose(grad_w_t, 0, 1), W_enc.scalar_type());
+  if (!is_transposed_contiguous(W_enc)) grad_w = contig(grad_w);
   return {grad_x, grad_w, to_dtype(grad_b, W_enc.scalar_type())};
 }
 
