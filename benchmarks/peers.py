@@ -170,12 +170,13 @@ def sparsify_decode() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
 
 def saelens_sae(w: Weights, k: int):
-    """SAELens ``TopKTrainingSAE`` (dense default path) holding copies of ``w``."""
+    """SAELens ``TopKTrainingSAE`` (dense default path) holding copies of ``w``, in ``w``'s dtype."""
     _import("sae_lens")
     topk = importlib.import_module("sae_lens.saes.topk_sae")
     d, m = w.W_enc.shape
     cfg = topk.TopKTrainingSAEConfig(
-        d_in=d, d_sae=m, k=k, dtype="float32", device="cpu", apply_b_dec_to_input=False,
+        d_in=d, d_sae=m, k=k, dtype=str(w.W_enc.dtype).removeprefix("torch."), device="cpu",
+        apply_b_dec_to_input=False,
         rescale_acts_by_decoder_norm=False, normalize_activations="none", decoder_init_norm=None,
     )
     sae = topk.TopKTrainingSAE(cfg)

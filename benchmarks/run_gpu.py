@@ -53,6 +53,14 @@ SIZES = {
     "cpu": [(2000, 2048, 4096, 10), (4096, 1024, 16384, 32)],
     "smoke": [(64, 32, 256, 8)],
 }
+#: Op variants timed besides the fp32 Gaussian ones: name -> (builder, dtype, input distribution).
+#: performance.md 3.6 asks for bf16 as well as fp32, and for a heavy-tailed SAE-like input besides the
+#: Gaussian one, since a selection's speed depends on the value distribution.
+VARIANTS = {
+    "encode_bf16": ("encode", torch.bfloat16, "gaussian"),
+    "encode_sae_like": ("encode", torch.float32, "sae_like"),
+    "decode_fwd_bwd_bf16": ("decode_fwd_bwd", torch.bfloat16, "gaussian"),
+}
 MSE_ONLY = TrainConfig(lambda_mse=1.0, lambda_ar=0.0, lambda_cls=0.0, mse_normalization="fvu",
                        dead_latents="none", device="cpu")
 RATE = 0.1
@@ -116,6 +124,19 @@ def problem(n, d, m, k, dev):
     idx = ((r + torch.arange(k) * step + torch.randint(0, step, (n, k), generator=g)) % m).to(dev)
     gout = torch.randn(n, d, generator=g).to(dev)
     return w, x, vals, idx, gout
+
+
+def sae_like_inputs(w: "peers.Weights", n: int, k: int) -> torch.Tensor:
+    """``x [n, d]`` as a trained SAE sees it: per row max(1, k/2) decoder rows with log-normal magnitudes
+    (mean about 3.3) plus N(0, 0.1^2) noise per dimension. With W_enc = W_dec^T the pre-activations are a
+    few large values over a Gaussian bulk, so the k-th largest sits in the bulk's tail."""
+    m, d = w.W_dec.shape
+    g = torch.Generator().manual_seed(4)
+    active = max(1, k // 2)
+    ids = torch.randint(0, m, (n, active), generator=g).to(w.W_dec.device)
+    mags = (2 * torch.exp(torch.randn(n, active, generator=g))).to(w.W_dec.device)
+    x = F.embedding_bag(ids, w.W_dec.float(), per_sample_weights=mags, mode="sum")  # no [n, active, d]
+    return x + 0.1 * torch.randn(n, d, generator=g).to(x.device)
 
 
 def with_env(fn, **env):
@@ -182,7 +203,8 @@ def decode_impls(w, vals, idx, gout, m, compiled):
         return run
 
     bag = lambda: F.embedding_bag(idx, W, per_sample_weights=v, mode="sum") + w.b_dec  # noqa: E731
-    dense = lambda: torch.zeros(idx.shape[0], m, device=v.device).scatter(1, idx, v) @ W + w.b_dec  # noqa: E731
+    dense = lambda: (torch.zeros(idx.shape[0], m, device=v.device, dtype=v.dtype)  # noqa: E731
+                     .scatter(1, idx, v) @ W + w.b_dec)
     impls = {"ours": fwd_bwd(lambda: concept_ext.sparse_decode(v, idx, W, w.b_dec)), "eager": fwd_bwd(bag),
              "eager_dense": fwd_bwd(dense)}
     impls["ours_deterministic"] = deterministic(impls["ours"])
@@ -193,7 +215,7 @@ def decode_impls(w, vals, idx, gout, m, compiled):
         impls["sparsify"] = fwd_bwd(lambda: dec(idx, v, W.mT) + w.b_dec)
     if not peers.missing_reason("sae_lens"):
         impls["sae_lens"] = fwd_bwd(dense)  # SAELens' default TopK decode is this dense form
-    gv, gw = reference.sparse_decode_backward(gout, vals, idx, w.W_dec)
+    gv, gw = reference.sparse_decode_backward(gout.double(), vals.double(), idx, w.W_dec.double())
     return impls, lambda out: max(rel_err(out[0], gv), rel_err(out[1], gw))
 
 
@@ -321,8 +343,21 @@ PEER_NAMES = ("sparsify", "sae_lens")
 
 def run_size(n, d, m, k, dev, args) -> list[dict]:
     w, x, vals, idx, gout = problem(n, d, m, k, dev)
+
+    def cast(dtype, *ts):
+        return [t.to(dtype) if t.is_floating_point() else t for t in ts]
+
+    def variant(name):  # the builder of a VARIANTS entry, on inputs of its dtype and distribution
+        base, dtype, dist = VARIANTS[name]
+        wv = peers.Weights(*cast(dtype, *w))
+        xv = sae_like_inputs(w, n, k) if dist == "sae_like" else x
+        if base == "encode":
+            return encode_impls(wv, *cast(dtype, xv), k, args.compile)
+        return decode_impls(wv, *cast(dtype, vals, idx, gout), m, args.compile)
+
     builders = {
         "encode": lambda: encode_impls(w, x, k, args.compile),
+        **{name: (lambda name=name: variant(name)) for name in VARIANTS},
         "decode_fwd_bwd": lambda: decode_impls(w, vals, idx, gout, m, args.compile),
         "activation_rate_fwd_bwd": lambda: ar_impls(vals, idx, m, args.compile),
         "train_step": lambda: train_impls(w, x, k, args.compile),
@@ -342,10 +377,12 @@ def run_size(n, d, m, k, dev, args) -> list[dict]:
         for name, fn in impls.items():
             if args.impls and name not in args.impls:
                 continue
-            row = {"op": op, "n": n, "d": d, "m": m, "k": k, "impl": name}
+            dtype, dist = VARIANTS[op][1:] if op in VARIANTS else (torch.float32, "gaussian")
+            row = {"op": op, "n": n, "d": d, "m": m, "k": k, "impl": name, "dtype": str(dtype)[6:], "dist": dist}
+            tol = args.tol_bf16 if dtype == torch.bfloat16 else args.tol
             try:
                 err = check(fn())  # correctness on this implementation's own output, before timing
-                row.update(timeit(fn, dev, args.reps, args.warmup), rel_err=err, ok=bool(err <= args.tol))
+                row.update(timeit(fn, dev, args.reps, args.warmup), rel_err=err, ok=bool(err <= tol))
                 if op in ("classifsae_step", "trainer_step"):  # launches per step (issue 8 item 4)
                     row.update(classifsae_step.launches_per_step(fn, dev))
                     if "launches_per_step" in row and row["launches_per_step"]:
@@ -401,6 +438,73 @@ def launch_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _geomean(xs: list[float]) -> Optional[float]:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def targets(rows: list[dict]) -> dict:
+    """Issue 8 item 4 / performance.md section 4, from the rows measured so far, per size set and op:
+    the geometric mean and minimum of ours' speed-up over the best peer (and over the best non-ours
+    implementation, peers or not), the points below 1.0x and below 0.95x (outside +-5% noise), and the
+    points where ours' peak extra memory exceeds the best peer's (CUDA). For ``train_step`` also the
+    minimum speed-up over SAELens-style dense code at m >= 16384 and over sparsify at every point. Only
+    rows whose result checked ok count."""
+    out: dict = {}
+    keyed: dict = {}
+    for r in rows:
+        keyed.setdefault((r.get("set", "custom"), r["op"], r["n"], r["d"], r["m"], r["k"]), {})[r["impl"]] = r
+    for (set_name, op, *size), impls in keyed.items():
+        ours = impls.get("ours")
+        if not ours or "median_ms" not in ours or not ours.get("ok"):
+            continue
+        s = out.setdefault(set_name, {}).setdefault(op, {"points": 0, "peer": [], "other": [], "below_1": [],
+                                                           "below_0_95": [], "memory_over_best_peer": []})
+        s["points"] += 1
+        timed = {name: r for name, r in impls.items() if "median_ms" in r and r.get("ok")}
+        peers_ = {name: r for name, r in timed.items() if name in PEER_NAMES}
+        others = {name: r for name, r in timed.items() if not name.startswith("ours")}
+        if peers_:
+            ratio = min(r["median_ms"] for r in peers_.values()) / ours["median_ms"]
+            s["peer"].append(ratio)
+            if ratio < 1.0:
+                s["below_1"].append(size)
+            if ratio < 0.95:
+                s["below_0_95"].append(size)
+            mems = [r["peak_extra_mib"] for r in peers_.values() if r.get("peak_extra_mib") is not None]
+            if mems and ours.get("peak_extra_mib") is not None and ours["peak_extra_mib"] > min(mems):
+                s["memory_over_best_peer"].append(size)
+        if others:
+            s["other"].append(min(r["median_ms"] for r in others.values()) / ours["median_ms"])
+        if op == "train_step":
+            for name, key, wanted in (("eager", "min_vs_dense_m16384", size[2] >= 16384),
+                                      ("sae_lens", "min_vs_saelens_m16384", size[2] >= 16384),
+                                      ("sparsify", "min_vs_sparsify", True)):
+                if wanted and name in timed:
+                    ratio = timed[name]["median_ms"] / ours["median_ms"]
+                    s[key] = min(s.get(key, ratio), ratio)
+    for per_op in out.values():
+        for s in per_op.values():
+            peer, other = s.pop("peer"), s.pop("other")
+            s.update(geomean_vs_best_peer=_geomean(peer), min_vs_best_peer=min(peer) if peer else None,
+                     points_vs_peer=len(peer), geomean_vs_best_other=_geomean(other),
+                     min_vs_best_other=min(other) if other else None)
+    return out
+
+
+def targets_table(summary: dict) -> str:
+    """The target figures per size set and op (ratios > 1: ours is faster)."""
+    out = ["set | op | points (vs peer) | geomean / min vs best peer | < 1.0x | < 0.95x | mem > best peer | "
+           "geomean / min vs best other"]
+    f = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+    for set_name, per_op in summary.items():
+        for op, s in per_op.items():
+            out.append(f"{set_name} | {op} | {s['points']} ({s['points_vs_peer']}) | "
+                       f"{f(s['geomean_vs_best_peer'])} / {f(s['min_vs_best_peer'])} | {len(s['below_1'])} | "
+                       f"{len(s['below_0_95'])} | {len(s['memory_over_best_peer'])} | "
+                       f"{f(s['geomean_vs_best_other'])} / {f(s['min_vs_best_other'])}")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU sizes, 1 rep (CI smoke test)")
@@ -408,12 +512,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--size", action="append", default=[], help="extra size n,d,m,k")
     ap.add_argument("--ops", nargs="+", default=["encode", "decode_fwd_bwd", "activation_rate_fwd_bwd",
                                                 "train_step", "ablate_decode", "classifsae_step",
-                                                "trainer_step"])
+                                                "trainer_step", *VARIANTS])
     ap.add_argument("--impls", nargs="+", default=None, help="only these implementations")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--tol", type=float, default=1e-3, help="max relative error counted as ok (fp32)")
+    ap.add_argument("--tol-bf16", type=float, default=2e-2, help="max relative error counted as ok (bf16)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/<device>-<date>.json)")
     ap.add_argument("--require-peers", action="store_true",
@@ -426,9 +531,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     dev = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.size]
+    sizes = [("custom", tuple(int(v) for v in s.split(","))) for s in args.size]
     for name in args.sizes or (["smoke"] if args.cpu_smoke else (["cpu"] if dev.type == "cpu" else ["paper"])):
-        sizes += SIZES[name]
+        sizes += [(name, size) for size in SIZES[name]]
     args.reps = args.reps or (1 if args.cpu_smoke else 5)
     args.warmup = 1 if args.warmup is None else args.warmup
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -442,16 +547,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     }
     # One tiny launch (CUDA) or dispatch (CPU): the floor that a step's launch count multiplies.
     args.launch_us = record["ceilings"]["launch_us"] = classifsae_step.launch_overhead_us(dev)
-    for n, d, m, k in sizes:
-        record["results"] += run_size(n, d, m, k, dev, args)
     out = args.out or HERE / "results" / f"{record['device']}-{record['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+    record["sizes_planned"] = [[name, *size] for name, size in sizes]
+    for i, (name, (n, d, m, k)) in enumerate(sizes):
+        record["results"] += [dict(r, set=name) for r in run_size(n, d, m, k, dev, args)]
+        record["summary"] = targets(record["results"])
+        record["sizes_done"] = i + 1
+        # Written after every size (atomically): a run stopped by a time limit keeps what it measured.
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out)
     print(json.dumps({"device": record["device"], "ceilings": record["ceilings"],
                       "skipped_peers": record["skipped_peers"]}, indent=1))
     print(launch_table(record["results"]))
+    print(targets_table(record["summary"]))
     print(table(record["results"]))  # the short table, last
     print(f"wrote {out}")
     return record
