@@ -88,7 +88,10 @@ def _topk_encode_fake(x, W_enc, b_enc, k):
 
 @torch.library.register_fake("concept_ext::topk_encode_backward")
 def _topk_encode_backward_fake(grad_values, values, indices, x, W_enc, deterministic=False):
-    return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty((W_enc.shape[1],))
+    d, m = W_enc.shape
+    # grad_W_enc's layout follows reference.weight_grad_like (as every kernel does); grad_x is row-major.
+    gw = W_enc.new_empty((m, d)).t() if reference.is_transposed_contiguous(W_enc) else W_enc.new_empty((d, m))
+    return x.new_empty(x.shape), gw, W_enc.new_empty((m,))
 
 
 @torch.library.register_fake("concept_ext::sparse_decode")

@@ -97,6 +97,21 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor
     return values, indices
 
 
+def weight_grad_like(W_enc: Tensor, grad_t: Tensor) -> Tensor:
+    """``grad_t [m, d]`` (= grad_W_enc^T) as grad_W_enc ``[d, m]`` in W_enc's dtype and layout rule, the
+    one every kernel follows: the transposed layout (strides (1, d), ``grad_t``'s own memory) when W_enc is
+    the transpose of a contiguous ``[m, d]`` matrix, as TopKSAE holds it; row-major otherwise."""
+    if is_transposed_contiguous(W_enc):
+        return grad_t.to(W_enc.dtype).contiguous().t()
+    return grad_t.t().to(W_enc.dtype).contiguous()
+
+
+def is_transposed_contiguous(t: Tensor) -> bool:
+    """True when the 2-D ``t`` is the transpose of a contiguous matrix (strides (1, rows), both sizes > 1):
+    nn.Linear's ``[m, d]`` weight seen as W_enc ``[d, m]``."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0])
+
+
 def topk_encode_backward(
     grad_values: Tensor,  # [N, k]
     values: Tensor,  # [N, k]
@@ -131,7 +146,7 @@ def topk_encode_backward(
         flat_idx, flat_g = idx.reshape(-1), g.reshape(-1)
         grad_w_t.index_add_(0, flat_idx, x.to(acc)[rows] * flat_g[:, None])
         grad_b.index_add_(0, flat_idx, flat_g)
-    return grad_x.to(x.dtype), grad_w_t.t().to(W_enc.dtype), grad_b.to(W_enc.dtype)
+    return grad_x.to(x.dtype), weight_grad_like(W_enc, grad_w_t), grad_b.to(W_enc.dtype)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

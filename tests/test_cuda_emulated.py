@@ -59,6 +59,7 @@ _cuda._poison = _poison
 test_topk_encode = _cuda.test_topk_encode
 test_topk_encode_ties_and_noncontiguous = _cuda.test_topk_encode_ties_and_noncontiguous
 test_topk_encode_transposed_weight_layout = _cuda.test_topk_encode_transposed_weight_layout
+test_topk_encode_weight_grad_layouts = _cuda.test_topk_encode_weight_grad_layouts
 test_topk_encode_backward = _cuda.test_topk_encode_backward
 test_sparse_decode = _cuda.test_sparse_decode
 test_sparse_decode_noncontiguous = _cuda.test_sparse_decode_noncontiguous

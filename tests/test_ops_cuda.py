@@ -183,6 +183,31 @@ def test_topk_encode_transposed_weight_layout(dtype):
     assert OPS_NS.topk_encode_backward(gv, values, indices, x, W.contiguous())[1].is_contiguous()
 
 
+def test_topk_encode_weight_grad_layouts():
+    """grad_W_enc follows reference.weight_grad_like's layout rule (which the fake kernel follows too,
+    test_ops_correctness.py) for every W_enc layout, including ones cuBLAS cannot read in place."""
+    g = _gen(17)
+    layouts = {"row_major": lambda w: w.contiguous(), "transposed": lambda w: w.t().contiguous().t(),
+               "padded_transposed": lambda w: torch.cat([w.t(), w.t()], 1)[:, : w.shape[0]].t(),
+               "column_sliced": lambda w: torch.cat([w, w], 1)[:, ::2]}
+    for name, layout in layouts.items():
+        for xdt, wdt in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                         (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)):
+            x = _randn(9, 6, dtype=xdt, g=g)
+            W = layout(_randn(6, 40, dtype=wdt, g=g))
+            b = torch.zeros(40, device=DEV, dtype=xdt)
+            values, indices = OPS_NS.topk_encode(x, W if wdt == xdt else W.to(xdt), b, 5)
+            _check_topk(x, W.to(xdt), b, 5, values, indices, xdt)
+            gv = _randn(9, 5, dtype=xdt, g=g)
+            _poison()
+            got = OPS_NS.topk_encode_backward(gv, values, indices, x, W)
+            want = ref.topk_encode_backward(gv, values, indices, x, W)
+            assert got[1].stride() == want[1].stride(), (name, xdt, wdt, got[1].stride())
+            assert got[1].dtype == wdt and got[0].is_contiguous(), (name, xdt, wdt)
+            for a, e in zip(got, want):
+                _close(a, e, torch.bfloat16 if torch.bfloat16 in (xdt, wdt) else xdt, scale=4.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse_decode
 # --------------------------------------------------------------------------------------------------

@@ -485,6 +485,9 @@ std::tuple<Tensor, Tensor, Tensor> topk_encode_backward_cpu(Tensor grad_values, 
   if (W_enc.scalar_type() != acc) {
     gw = ts::to(gw, W_enc.scalar_type());
     gb = ts::to(gb, W_enc.scalar_type());
+    // A 16-bit W_enc in the transposed layout went through a row-major fp32 copy: its gradient still
+    // takes W_enc's layout (reference.weight_grad_like, the rule of every kernel and of the fake).
+    if (is_transposed_contiguous(W_enc) && !w_t) gw = ts::transpose(ts::contiguous(ts::transpose(gw, 0, 1)), 0, 1);
   }
   return {gx, gw, gb};
 }

@@ -274,6 +274,9 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc
   // seen transposed (strides (1, d)), which cuBLAS reads as a transposed operand. A contiguous copy here
   // would cost a full read and write of the weight on every call.
   Tensor wa = half_gemm ? W_enc : to_dtype(W_enc, acc);
+  // A layout cuBLAS cannot take as it is (neither stride 1, e.g. W_enc[:, ::2]) is copied once here, not
+  // by every row chunk's GEMM.
+  if (wa.stride(0) != 1 && wa.stride(1) != 1) wa = contig(wa);
   Tensor b = contig(b_enc);
   Tensor keys = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(key_dtype));
   Tensor ids = torch::stable::new_empty(x, {2, rows, k}, std::optional<ScalarType>(ScalarType::Int));
