@@ -67,3 +67,39 @@ def test_run_gpu_writes_after_every_size(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["sizes_done"] == 1 and len(saved["sizes_planned"]) == 2
     assert {(r["n"], r["d"], r["m"], r["k"]) for r in saved["results"]} == {(32, 16, 64, 4)}
+
+
+def test_targets_summary_counts_what_the_targets_need():
+    spec = importlib.util.spec_from_file_location("run_gpu", ROOT / "benchmarks" / "run_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(op, m, impl, ms, ok=True, mem=None):
+        return {"set": "core", "op": op, "n": 16, "d": 8, "m": m, "k": 4, "impl": impl, "median_ms": ms, "ok": ok,
+                "peak_extra_mib": mem}
+
+    rows = [
+        # ours 2x the best peer; a faster peer that fails its check still counts (conservative): 0.5x
+        row("encode", 4096, "ours", 1.0, mem=10), row("encode", 4096, "sparsify", 2.0, mem=5),
+        row("encode", 4096, "sae_lens", 0.5, ok=False, mem=50), row("encode", 4096, "eager", 3.0),
+        # ours wrong at this point: not a ratio, a failure
+        row("encode", 16384, "ours", 1.0, ok=False), row("encode", 16384, "sparsify", 9.0),
+        # ours erred (no timing at all)
+        {"set": "core", "op": "encode", "n": 16, "d": 8, "m": 65536, "k": 4, "impl": "ours", "error": "OOM"},
+        # train_step: dense is the faster of eager and compile
+        row("train_step", 16384, "ours", 1.0), row("train_step", 16384, "eager", 4.0),
+        row("train_step", 16384, "compile", 1.5), row("train_step", 16384, "sae_lens", 5.0),
+        row("train_step", 16384, "sparsify", 1.2),
+    ]
+    s = mod.targets(rows)["core"]
+    enc = s["encode"]
+    assert enc["points"] == 3 and enc["points_vs_peer"] == 1
+    assert abs(enc["min_vs_best_peer"] - 0.5) < 1e-12 and enc["below_1"] == [[16, 8, 4096, 4]]
+    assert enc["ours_failed"] == [[16, 8, 16384, 4], [16, 8, 65536, 4]]
+    assert enc["peers_failing_check"] == [["sae_lens", 16, 8, 4096, 4]]
+    assert enc["memory_over_best_peer"] == [[16, 8, 4096, 4]]  # 10 MiB > sparsify's 5
+    ts = s["train_step"]
+    assert abs(ts["min_vs_dense_m16384"] - 1.5) < 1e-12 and abs(ts["min_vs_saelens_m16384"] - 5.0) < 1e-12
+    assert abs(ts["min_vs_sparsify"] - 1.2) < 1e-12 and ts["memory_over_best_peer"] is None  # none measured
+    table = mod.targets_table(mod.targets(rows))
+    assert "core | train_step |" in table and "1.50x, 5.00x, 1.20x" in table and "| n/a |" in table
