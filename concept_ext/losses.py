@@ -216,40 +216,47 @@ def _add_noise(h: Tensor, frac: float, gen: Optional[torch.Generator],
     return h + noise[group.offset: group.offset + group.local] * (frac * sigma)
 
 
-def _dead_terms_static(
+def _dead_terms(
     sae: TopKSAE,
     cfg: TrainConfig,
     h: Tensor,  # [B, d] clean batch
     h_hat: Tensor,  # [B, d]
     e: Optional[Tensor],  # [B, d] element-wise errors (ghost grads), else None
     s_clean: Tensor,  # [B] input rescale of the clean batch
-    dead_mask: Tensor,  # [m] bool
+    dead_mask: Tensor,  # [m] bool, at least one True unless ``static``
+    *,
+    static: bool,
+    group: "Optional[BatchGroup]" = None,
 ) -> tuple[Tensor, Tensor]:
-    """(L_ghost, L_aux) with fixed shapes and no host synchronisation, for a CUDA-graph step.
+    """(L_ghost, L_aux) of the dead set D, from the clean input's pre-activations (the first pass's
+    values, method.md 2.3).
 
-    The eager path gathers the |D| dead columns (``nonzero``: a data-dependent shape). Here the
-    pre-activations of all m latents are formed and the live ones set to -inf, so that they drop out
-    exactly: exp(-inf) = 0 in the ghost sum, and relu(-inf) = 0 for the AuxK picks beyond |D|; their
-    gradients are 0. Each term is then zeroed when no latent is dead, as the eager path skips it.
-    Costs a dense ``[B, d] x [d, m]`` product (and its backward) where the eager one is ``[B, |D|]``.
+    Eager: the |D| dead columns, gathered with ``nonzero`` (a data-dependent shape). ``static`` (what a
+    CUDA graph holds): all m columns with the live ones set to -inf, so that they drop out exactly:
+    exp(-inf) = 0 in the ghost sum, and relu(-inf) = 0 for the AuxK picks beyond |D| (k_aux = min(d/2, m)
+    then picks every dead latent the eager min(d/2, |D|) picks); their gradients are 0. The term is then
+    zeroed on the device when no latent is dead, as the eager path skips it. That costs a dense
+    ``[B, d] x [d, m]`` product (and its backward) where the eager one is ``[B, |D|]``.
     """
     x_clean = h * s_clean[:, None]  # [B, d]
-    pre = sae.preactivations(x_clean)  # [B, m]
-    pre = pre.masked_fill(~dead_mask, float("-inf"))
-    any_dead = dead_mask.any()  # 0-dim bool, stays on the device
+    if static:
+        dead_idx = torch.arange(sae.m, device=h.device)
+        pre_dead = sae.preactivations(x_clean).masked_fill(~dead_mask, float("-inf"))  # [B, m]
+    else:
+        dead_idx = torch.nonzero(dead_mask).squeeze(1)  # [|D|]
+        pre_dead = sae.preactivations(x_clean, dead_idx)  # [B, |D|]
     zero = h.new_zeros(())
     if cfg.dead_latents == "ghost":
         assert e is not None
         scale = cfg.lambda_mse if cfg.loss_version == "v1" else 1.0
-        l_ghost = ghost_grad_loss(pre, sae.W_dec, h - h_hat, e, normalization=cfg.mse_normalization,
-                                  ratio_scale=scale)
-        return torch.where(any_dead, l_ghost, zero), zero
-    # AuxK: the eager k_aux = min(d/2, |D|); taking min(d/2, m) picks every dead latent the eager path
-    # picks, plus -inf entries that decode to 0.
-    x_hat = h_hat * s_clean[:, None]
-    ids = torch.arange(sae.m, device=h.device)
-    l_aux = auxk_loss(pre, ids, sae.W_dec, x_clean - x_hat, min(sae.d // 2, sae.m))
-    return zero, torch.where(any_dead, l_aux, zero)
+        w_dead = sae.W_dec if static else sae.W_dec[dead_idx]
+        l_ghost = ghost_grad_loss(pre_dead, w_dead, h - h_hat, e, normalization=cfg.mse_normalization,
+                                  ratio_scale=scale, group=group)
+        return (torch.where(dead_mask.any(), l_ghost, zero) if static else l_ghost), zero
+    x_hat = h_hat * s_clean[:, None]  # back to the normalised space
+    k_aux = min(sae.d // 2, dead_idx.numel())
+    l_aux = auxk_loss(pre_dead, dead_idx, sae.W_dec, x_clean - x_hat, k_aux, group=group)
+    return zero, (torch.where(dead_mask.any(), l_aux, zero) if static else l_aux)
 
 
 def sae_losses(
@@ -272,7 +279,7 @@ def sae_losses(
     ``group``: distributed step, ``h`` is this rank's slice of the global batch and every term is this
     rank's share (module docstring).
     ``static``: fixed shapes and no host synchronisation (what a CUDA graph can hold): the dead-latent
-    terms are formed over all m latents with the live ones masked out (:func:`_dead_terms_static`), and
+    terms are formed over all m latents with the live ones masked out (:func:`_dead_terms`), and
     ``loss_weight`` may be a 0-dim tensor. Same values as the eager path up to rounding.
     ``noise``: the v1 input noise's standard-normal draw ``[B, d]`` (drawn here from ``noise_gen`` when
     None).
@@ -283,10 +290,8 @@ def sae_losses(
     h_in = _add_noise(h, cfg.input_noise, noise_gen, group, noise) if cfg.input_noise > 0 else h
     code = sae.encode(h_in)
     h_hat = sae.decode(code.values, code.indices, code.scale, stopgrad_class=stopgrad_class)
-    if static:  # the dead set's size is not looked at (a host synchronisation)
-        dead = dead_mask is not None and cfg.dead_latents != "none"
-    else:
-        dead = dead_mask is not None and cfg.dead_latents != "none" and bool(dead_mask.any())
+    # static: the dead set's size is not looked at (a host synchronisation); the terms handle |D| = 0.
+    dead = dead_mask is not None and cfg.dead_latents != "none" and (static or bool(dead_mask.any()))
     if (dead and cfg.dead_latents == "ghost") or group is not None:
         # Ghost grads weight by the element-wise errors e [B, d]; a distributed step needs the global
         # batch's mean for the normaliser, which only the element-wise form takes.
@@ -296,31 +301,10 @@ def sae_losses(
         l_mse = weighted_mse(h_hat, h, normalization=cfg.mse_normalization)
     zero = h.new_zeros(())
     l_ghost, l_aux = zero, zero
-    if dead and static:
+    if dead:
         s_clean = code.scale if h_in is h else sae.input_scale(h)  # [B]
-        l_ghost, l_aux = _dead_terms_static(sae, cfg, h, h_hat, e if cfg.dead_latents == "ghost" else None,
-                                            s_clean, dead_mask)
-    elif dead:
-        dead_idx = torch.nonzero(dead_mask).squeeze(1)
-        # Pre-activations of the dead columns from the clean input (the first pass's values, method.md 2.3).
-        s_clean = code.scale if h_in is h else sae.input_scale(h)  # [B]
-        x_clean = h * s_clean[:, None]
-        pre_dead = sae.preactivations(x_clean, dead_idx)
-        if cfg.dead_latents == "ghost":
-            scale = cfg.lambda_mse if cfg.loss_version == "v1" else 1.0
-            l_ghost = ghost_grad_loss(
-                pre_dead,
-                sae.W_dec[dead_idx],
-                h - h_hat,
-                e,
-                normalization=cfg.mse_normalization,
-                ratio_scale=scale,
-                group=group,
-            )
-        else:
-            k_aux = min(sae.d // 2, dead_idx.numel())
-            x_hat = h_hat * s_clean[:, None]  # back to the normalised space
-            l_aux = auxk_loss(pre_dead, dead_idx, sae.W_dec, x_clean - x_hat, k_aux, group=group)
+        l_ghost, l_aux = _dead_terms(sae, cfg, h, h_hat, e if cfg.dead_latents == "ghost" else None, s_clean,
+                                     dead_mask, static=static, group=group)
     ar_values = code.values if cfg.lambda_ar != 0 else code.values.detach()
     if group is None:
         l_ar = activation_rate_loss(ar_values, code.indices, sae.m, cfg.target_rate)

@@ -104,11 +104,7 @@ class Trainer:
         if cfg.cuda_graph and distributed.enabled():
             raise ValueError("TrainConfig.cuda_graph is single-process only: turn it off under torchrun")
         self._graph: Optional[GraphStep] = None
-        # cuda_graph on CUDA: Adam keeps its step count on the device and reads the learning rate from a
-        # device tensor, so that a graph replay advances both (capturable).
-        capturable = cfg.cuda_graph and self.device.type == "cuda"
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    capturable=capturable, foreach=True if capturable else None)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.firing = FiringTracker(sae.m, self.device)
         self.order = DataOrder(self.n_train, cfg.seed, self.device)
         self.step = 0
@@ -123,11 +119,7 @@ class Trainer:
             distributed.enabled()) else None
         if cfg.cuda_graph:
             self._graph = GraphStep(self)
-            if capturable:
-                for group in self.opt.param_groups:
-                    group["lr"] = self._graph.lr
-                # Its warning about capturable steps run uncaptured concerns the warm-up steps, on purpose.
-                self.opt._warned_capturable_if_run_uncaptured = True
+            self._fit_optimizer_state()
 
     # --------------------------------------------------------------------------------------------
 
@@ -211,18 +203,32 @@ class Trainer:
                 self.firing.update(out.values, out.indices)
             else:  # the counters (and so the dead set) follow the global batch on every rank
                 self.firing.update(group.gather_rows(out.values), group.gather_rows(out.indices))
+        self._set_lr()
+        self._update(backward)  # (3)-(6)
+        self.step += 1
+        return out
+
+    def _set_lr(self) -> None:
+        """This step's scheduled learning rate: into the device tensor that the capturable Adam reads
+        (cuda_graph on CUDA, written outside the graph), otherwise into the parameter groups."""
+        lr = lr_at(self.step, self.cfg)
+        if self._graph is not None and self._graph.capture:
+            self._graph.lr.fill_(lr)
+        else:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+
+    def _update(self, loss: Tensor) -> None:
+        """Steps (3)-(6) of method.md 2.4: backward, project grad W_dec off the decoder rows, clip the
+        gradient norm, Adam (the eager step and the CUDA-graph step alike)."""
+        cfg, sae = self.cfg, self.sae
         self.opt.zero_grad(set_to_none=True)
-        backward.backward()  # (3)
+        loss.backward()  # (3)
         if cfg.project_decoder_grad:
             sae.project_decoder_grad()  # (4)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)  # (5)
-        lr = lr_at(self.step, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
         self.opt.step()  # (6)
-        self.step += 1
-        return out
 
     @torch.no_grad()
     def _metrics(self, out: LossOutput) -> dict[str, float]:
@@ -350,8 +356,12 @@ class Trainer:
         return {"state": state, "param_groups": groups}
 
     def _fit_optimizer_state(self) -> None:
-        """After a load: this trainer's optimiser mode (capturable with a device lr, or plain)."""
+        """This trainer's optimiser mode, at construction and after a load. cuda_graph on CUDA: Adam is
+        capturable (its step count on the device) and reads the learning rate from a device tensor, so
+        that a graph replay advances both; otherwise the plain Adam with a float learning rate."""
         capturable = self._graph is not None and self._graph.capture
+        if capturable:  # its warning about capturable steps run uncaptured is about the warm-up: on purpose
+            self.opt._warned_capturable_if_run_uncaptured = True
         for group in self.opt.param_groups:
             group["capturable"] = capturable
             group["lr"] = self._graph.lr if capturable else float(group["lr"])

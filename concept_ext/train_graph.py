@@ -37,7 +37,6 @@ from torch import Tensor
 
 from . import ops
 from .losses import LossOutput, LossTerms, sae_losses
-from .train_state import lr_at
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -127,13 +126,7 @@ class GraphStep:
                 self.bad_step.copy_(torch.where(first, self.step_t, self.bad_step))
                 self.bad_terms.copy_(torch.where(first, terms, self.bad_terms))
                 self.step_t.add_(1)
-            t.opt.zero_grad(set_to_none=True)
-            out.terms.total.backward()  # (3)
-            if cfg.project_decoder_grad:
-                sae.project_decoder_grad()  # (4)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip, foreach=True)  # (5)
-            t.opt.step()  # (6)
+            t._update(out.terms.total)  # (3)-(6)
         slot.out = LossOutput(LossTerms(*(v.detach() for v in out.terms)), out.h_hat.detach(),
                               out.values.detach(), out.indices.detach(),
                               None if out.logits is None else out.logits.detach())
@@ -184,11 +177,7 @@ class GraphStep:
             torch.index_select(t.labels, 0, idx, out=slot.labels)
         if slot.noise is not None:  # the eager step's torch.randn(..., generator) draw
             slot.noise.normal_(generator=t.noise_gen)
-        lr = lr_at(t.step, cfg)
-        self.lr.fill_(lr)
-        if not self.capture:  # the plain Adam of a CPU device takes a float
-            for group in t.opt.param_groups:
-                group["lr"] = lr
+        t._set_lr()
         self.weight.fill_(t._loss_weight())
         try:
             if self.capture:
