@@ -387,14 +387,14 @@ def run_size(n, d, m, k, dev, args, done: Optional[Callable[[list[dict]], None]]
                          "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         op_rows = []
+        dtype, dist = VARIANTS[op][1:] if op in VARIANTS else (torch.float32, "gaussian")
+        tol = args.tol_bf16 if dtype == torch.bfloat16 else args.tol
         for name, fn in impls.items():
             if args.impls and name not in args.impls:
                 continue
-            dtype, dist = VARIANTS[op][1:] if op in VARIANTS else (torch.float32, "gaussian")
             row = {"op": op, "n": n, "d": d, "m": m, "k": k, "impl": name, "dtype": str(dtype)[6:], "dist": dist}
             if name.startswith("ours") and name != "ours_checked":
                 fn = unchecked(fn)
-            tol = args.tol_bf16 if dtype == torch.bfloat16 else args.tol
             try:
                 err = check(fn())  # correctness on this implementation's own output, before timing
                 row.update(timeit(fn, dev, args.reps, args.warmup), rel_err=err, ok=bool(err <= tol))
@@ -406,18 +406,25 @@ def run_size(n, d, m, k, dev, args, done: Optional[Callable[[list[dict]], None]]
             except Exception as exc:  # a peer failing at a size is recorded, not fatal
                 row.update(error=f"{type(exc).__name__}: {exc}"[:300])
             op_rows.append(row)
-        ours = next((r for r in op_rows if r["impl"] == "ours" and "median_ms" in r), None)
-        timed_peers = [r["median_ms"] for r in op_rows if r["impl"] in PEER_NAMES and "median_ms" in r]
-        # Our own variants (ours_padded) are not "others": the ratio is against what a user would otherwise run.
-        others = [r["median_ms"] for r in op_rows if not r["impl"].startswith("ours") and "median_ms" in r]
-        for r in op_rows:
-            if ours:
-                r["ratio_to_best_peer"] = min(timed_peers) / ours["median_ms"] if timed_peers else None
-                r["ratio_to_best_other"] = min(others) / ours["median_ms"] if others else None
+        add_ratios(op_rows)
         rows += op_rows
         if done is not None:
             done(op_rows)
     return rows
+
+
+def add_ratios(op_rows: list[dict]) -> None:
+    """Set ``ratio_to_best_peer`` and ``ratio_to_best_other`` on the rows of one op at one size: the
+    fastest sparsify/SAELens row that ran (checked ok or not), and the fastest non-ours one, over ours."""
+    ours = next((r for r in op_rows if r["impl"] == "ours" and "median_ms" in r), None)
+    if not ours:
+        return
+    timed_peers = [r["median_ms"] for r in op_rows if r["impl"] in PEER_NAMES and "median_ms" in r]
+    # Our own variants (ours_padded) are not "others": the ratio is against what a user would otherwise run.
+    others = [r["median_ms"] for r in op_rows if not r["impl"].startswith("ours") and "median_ms" in r]
+    for r in op_rows:
+        r["ratio_to_best_peer"] = min(timed_peers) / ours["median_ms"] if timed_peers else None
+        r["ratio_to_best_other"] = min(others) / ours["median_ms"] if others else None
 
 
 def device_name(dev: torch.device) -> str:
@@ -486,10 +493,9 @@ def targets(rows: list[dict]) -> dict:
             continue
         ran = {name: r for name, r in impls.items() if "median_ms" in r}
         peers_ = {name: r for name, r in ran.items() if name in PEER_NAMES}
-        others = {name: r for name, r in ran.items() if not name.startswith("ours")}
         s["peers_failing_check"] += [[name, *size] for name, r in peers_.items() if not r.get("ok")]
-        if peers_:
-            ratio = min(r["median_ms"] for r in peers_.values()) / ours["median_ms"]
+        ratio = ours.get("ratio_to_best_peer")  # run_size's: the fastest peer that ran
+        if ratio is not None:
             s["peer"].append(ratio)
             if ratio < 1.0:
                 s["below_1"].append(size)
@@ -500,8 +506,8 @@ def targets(rows: list[dict]) -> dict:
                 over = s["memory_over_best_peer"] = s["memory_over_best_peer"] or []
                 if ours["peak_extra_mib"] > min(mems):
                     over.append(size)
-        if others:
-            s["other"].append(min(r["median_ms"] for r in others.values()) / ours["median_ms"])
+        if ours.get("ratio_to_best_other") is not None:
+            s["other"].append(ours["ratio_to_best_other"])
         if op == "train_step":
             dense = [ran[name]["median_ms"] for name in ("eager", "compile") if name in ran]
             for key, times, wanted in (("min_vs_dense_m16384", dense, size[2] >= 16384),

@@ -91,6 +91,8 @@ def test_targets_summary_counts_what_the_targets_need():
         row("train_step", 16384, "compile", 1.5), row("train_step", 16384, "sae_lens", 5.0),
         row("train_step", 16384, "sparsify", 1.2),
     ]
+    for op, m in {(r["op"], r["m"]) for r in rows}:  # as run_size leaves them, per op and size
+        mod.add_ratios([r for r in rows if (r["op"], r["m"]) == (op, m)])
     s = mod.targets(rows)["core"]
     enc = s["encode"]
     assert enc["points"] == 3 and enc["points_vs_peer"] == 1
