@@ -374,12 +374,6 @@ ScalarType acc_of(ScalarType s) { return s == ScalarType::Double ? ScalarType::D
 // Contiguous copy in the accumulation dtype (no copy when already so).
 Tensor as_acc(const Tensor& t, ScalarType acc) { return ts::contiguous(ts::to(t, acc)); }
 
-// True when the 2-D t is the transpose of a contiguous matrix (strides (1, rows)), e.g. W_enc kept as
-// nn.Linear's [m, d] weight and passed transposed. The kernels read that layout in place (no copy).
-bool is_transposed_contiguous(const Tensor& t) {
-  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> topk_encode_cpu(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {

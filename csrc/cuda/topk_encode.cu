@@ -242,12 +242,6 @@ bool mm_to_float32(const Tensor& a, const Tensor& b, Tensor* out) {
 #endif
 }
 
-// True when the 2-D t is the transpose of a contiguous matrix (strides (1, rows)): W_enc held as
-// nn.Linear's [m, d] weight and passed transposed, as TopKSAE does (the CPU kernel's rule too).
-bool is_transposed_contiguous(const Tensor& t) {
-  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> topk_encode_cuda(Tensor x, Tensor W_enc, Tensor b_enc, int64_t k) {

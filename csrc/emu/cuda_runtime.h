@@ -157,39 +157,43 @@ inline T from_bits(uint64_t b) {
 
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) { ::emu::sync_warp(mask); }
 
+namespace emu {
+// The shuffles: every lane publishes v, then takes lane src(lane)'s value, or keeps its own where src
+// returns -1 (a source outside its segment of `width` lanes).
+template <typename T, typename Src>
+inline T shuffle(unsigned mask, T v, const char* name, Src src) {
+  const uint64_t* all = warp_exchange(to_bits(v), mask, name);
+  const int s = src(lane_id());
+  const T r = s >= 0 ? from_bits<T>(all[s]) : v;
+  warp_release();
+  return r;
+}
+}  // namespace emu
+
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  const uint64_t* all = ::emu::warp_exchange(::emu::to_bits(v), mask, "__shfl_sync");
-  const int lane = ::emu::lane_id();
-  const T r = ::emu::from_bits<T>(all[(lane & ~(width - 1)) + (src & (width - 1))]);
-  ::emu::warp_release();
-  return r;
+  return ::emu::shuffle(mask, v, "__shfl_sync",
+                        [&](int lane) { return (lane & ~(width - 1)) + (src & (width - 1)); });
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const uint64_t* all = ::emu::warp_exchange(::emu::to_bits(v), mask, "__shfl_up_sync");
-  const int lane = ::emu::lane_id(), in_seg = lane & (width - 1);
-  const T r = in_seg >= static_cast<int>(delta) ? ::emu::from_bits<T>(all[lane - delta]) : v;
-  ::emu::warp_release();
-  return r;
+  return ::emu::shuffle(mask, v, "__shfl_up_sync", [&](int lane) {
+    return (lane & (width - 1)) >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : -1;
+  });
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const uint64_t* all = ::emu::warp_exchange(::emu::to_bits(v), mask, "__shfl_down_sync");
-  const int lane = ::emu::lane_id(), in_seg = lane & (width - 1);
-  const T r = in_seg + static_cast<int>(delta) < width ? ::emu::from_bits<T>(all[lane + delta]) : v;
-  ::emu::warp_release();
-  return r;
+  return ::emu::shuffle(mask, v, "__shfl_down_sync", [&](int lane) {
+    return (lane & (width - 1)) + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : -1;
+  });
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  const uint64_t* all = ::emu::warp_exchange(::emu::to_bits(v), mask, "__shfl_xor_sync");
-  const int lane = ::emu::lane_id();
   // CUDA: a source lane in an earlier segment of `width` lanes is read; one in a later segment is not.
-  const int src = lane ^ lane_mask;
-  const T r = src < ((lane / width) + 1) * width ? ::emu::from_bits<T>(all[src]) : v;
-  ::emu::warp_release();
-  return r;
+  return ::emu::shuffle(mask, v, "__shfl_xor_sync", [&](int lane) {
+    const int src = lane ^ lane_mask;
+    return src < ((lane / width) + 1) * width ? src : -1;
+  });
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   const uint64_t* all = ::emu::warp_exchange(pred != 0, mask, "__ballot_sync");

@@ -46,6 +46,13 @@ inline void check_same_device(const Tensor& a, const Tensor& b, const char* na, 
                   " must be on the same device");
 }
 
+// True when the 2-D t is the transpose of a contiguous matrix (strides (1, rows), both sizes > 1): W_enc
+// held as nn.Linear's [m, d] weight and passed transposed, as TopKSAE does. The topk_encode kernels read
+// that layout in place and return grad_W_enc in it (reference.weight_grad_like states the same rule).
+inline bool is_transposed_contiguous(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
+
 inline void check_cpu(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor for the CPU kernel");
 }
