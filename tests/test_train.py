@@ -9,10 +9,10 @@ import torch
 
 from concept_ext.checkpoint import load_checkpoint
 from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.sae import build_sae
 from concept_ext.train import DataOrder, FiringTracker, Trainer, train_sae
 
 from planted_sae import planted
+from tiny_trainer import tiny_data, tiny_trainer
 
 log = logging.getLogger(__name__)
 D, DIRS, M, K, N_C, C = 32, 24, 48, 3, 4, 3
@@ -93,43 +93,22 @@ def test_activation_rate_loss_pushes_class_rates_to_target(data, classif):
     assert float(pushed.max()) < 0.13
 
 
-def _tiny(n=40, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=gen) + 0.5, torch.randint(0, 2, (n,), generator=gen)
-
-
-def _tiny_trainer(h, y, out_dir=None, **kw):
-    scfg = SAEConfig(d=8, m=64, k=2, n_concepts=3, n_classes=2)
-    # dead_window 2 and N_train = 40 with B = 16: ghost grads and the stop-gradient switch both happen.
-    tcfg = TrainConfig(
-        total_samples=16 * 12,
-        batch_size=16,
-        lr=1e-2,
-        dead_window=2,
-        progress=False,
-        device="cpu",
-        log_every=3,
-        **kw,
-    )
-    return Trainer(build_sae(scfg), tcfg, h, y, out_dir=out_dir, metadata={"model_id": "tiny"})
-
-
 def test_same_seed_same_weights():
-    h, y = _tiny()
-    a = _tiny_trainer(h, y).train().sae
-    b = _tiny_trainer(h, y).train().sae
+    h, y = tiny_data()
+    a = tiny_trainer(h, y).train().sae
+    b = tiny_trainer(h, y).train().sae
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
 
 
 @pytest.mark.parametrize("extra", [{}, {"loss_version": "v1", "input_noise": 0.2, "dead_latents": "auxk"}])
 def test_resume_equals_uninterrupted(tmp_path, extra):
-    h, y = _tiny()
-    full = _tiny_trainer(h, y, **extra)
+    h, y = tiny_data()
+    full = tiny_trainer(h, y, **extra)
     res_full = full.train()
     assert any(m["stopgrad"] for m in res_full.history) or extra
     assert any(m["loss/ghost"] > 0 or m["loss/auxk"] > 0 for m in res_full.history)
-    part = _tiny_trainer(h, y, out_dir=tmp_path, **extra)
+    part = tiny_trainer(h, y, out_dir=tmp_path, **extra)
     part.train(steps=5)
     path = part.save(tmp_path / "mid")
     del part
@@ -144,8 +123,8 @@ def test_resume_equals_uninterrupted(tmp_path, extra):
 
 
 def test_periodic_checkpoints(tmp_path):
-    h, y = _tiny()
-    tr = _tiny_trainer(h, y, out_dir=tmp_path, checkpoint_every=64)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, out_dir=tmp_path, checkpoint_every=64)
     res = tr.train()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["ckpt_000000000064", "ckpt_000000000128", "ckpt_000000000192"]
@@ -155,8 +134,8 @@ def test_periodic_checkpoints(tmp_path):
 
 
 def test_non_finite_loss_names_the_step():
-    h, y = _tiny()
-    tr = _tiny_trainer(h, y)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y)
     tr.train(steps=2)
     with torch.no_grad():
         tr.sae.b_dec[0] = float("nan")
@@ -166,11 +145,11 @@ def test_non_finite_loss_names_the_step():
 
 def test_trainer_rejects_non_finite_activations_up_front():
     """The activations are validated once at construction (the steps then skip the per-op data checks)."""
-    h, y = _tiny()
+    h, y = tiny_data()
     h[7, 3] = float("nan")
     h[9, 0] = float("inf")
     with pytest.raises(ValueError, match=r"activations contains NaN or infinite values \(first in row 7 of 40, 2 rows"):
-        _tiny_trainer(h, y)
+        tiny_trainer(h, y)
 
 
 def test_trainer_steps_skip_per_op_data_checks(monkeypatch):
@@ -186,18 +165,18 @@ def test_trainer_steps_skip_per_op_data_checks(monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr("concept_ext.sae.topk_encode", spy)
-    h, y = _tiny()
-    _tiny_trainer(h, y).train(steps=2)
+    h, y = tiny_data()
+    tiny_trainer(h, y).train(steps=2)
     assert seen and not any(seen)
     assert ops._check_data()
 
 
 def test_trainer_rejects_bad_inputs():
-    h, y = _tiny()
+    h, y = tiny_data()
     with pytest.raises(ValueError, match="labels"):
-        _tiny_trainer(h, None)
+        tiny_trainer(h, None)
     with pytest.raises(ValueError, match=r"\[N, d = 8\]"):
-        _tiny_trainer(h[:, :6], y)
+        tiny_trainer(h[:, :6], y)
 
 
 def test_firing_tracker_and_data_order():

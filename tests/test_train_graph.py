@@ -16,6 +16,7 @@ from concept_ext.config_sae import SAEConfig, TrainConfig
 from concept_ext.losses import sae_losses
 from concept_ext.sae import build_sae
 from concept_ext.train import Trainer
+from tiny_trainer import tiny_data, tiny_trainer
 
 #: aten operations that make the host wait for a CUDA device (a CUDA graph cannot hold them): reading a
 #: value (item / bool), data-dependent output shapes, and bincount (which reads its input's maximum).
@@ -44,22 +45,6 @@ class SyncOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _data(n=40, d=8, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=gen) + 0.5, torch.randint(0, 2, (n,), generator=gen)
-
-
-def _trainer(h, y, *, graph, out_dir=None, arch="classif_topk", **kw):
-    scfg = SAEConfig(d=h.shape[1], m=64, k=2, n_concepts=3, n_classes=2, architecture=arch)
-    # dead_window 2, N_train = 40, B = 16: dead latents (most of the 64) and the stop-gradient switch
-    # both happen within the 12 steps.
-    vals = dict(total_samples=16 * 12, batch_size=16, lr=1e-2, dead_window=2, progress=False, device="cpu",
-                log_every=3)
-    vals.update(kw)
-    tcfg = TrainConfig(cuda_graph=graph, **vals)
-    return Trainer(build_sae(scfg), tcfg, h, y, out_dir=out_dir, metadata={"model_id": "tiny"})
-
-
 CASES = {
     "ghost": {},
     "auxk": {"dead_latents": "auxk"},
@@ -73,9 +58,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_graph_step_trains_like_the_eager_step(case):
-    h, y = _data()
-    eager = _trainer(h, y, graph=False, **CASES[case])
-    static = _trainer(h, y, graph=True, **CASES[case])
+    h, y = tiny_data()
+    eager = tiny_trainer(h, y, cuda_graph=False, **CASES[case])
+    static = tiny_trainer(h, y, cuda_graph=True, **CASES[case])
     for step in range(12):
         a, b = eager.train_step(), static.train_step()
         for name, u, v in zip(a.terms._fields, a.terms, b.terms):
@@ -91,15 +76,15 @@ def test_graph_step_trains_like_the_eager_step(case):
 
 def test_the_cases_exercise_dead_latents_and_both_phases():
     """The equality above means something only if dead-latent terms and the phase switch occurred."""
-    h, y = _data()
+    h, y = tiny_data()
     for kw, term in (({}, "ghost"), ({"dead_latents": "auxk"}, "auxk")):
-        hist = _trainer(h, y, graph=True, **kw).train().history
+        hist = tiny_trainer(h, y, cuda_graph=True, **kw).train().history
         assert any(m[f"loss/{term}"] > 0 for m in hist), term
         assert any(m["stopgrad"] for m in hist) and not all(m["stopgrad"] for m in hist)
 
 
 def test_static_losses_are_zero_without_dead_latents_and_match_eager_with_them():
-    h, y = _data(n=32)
+    h, y = tiny_data(n=32)
     sae = build_sae(SAEConfig(d=8, m=64, k=2, n_concepts=3, n_classes=2))
     for kind in ("ghost", "auxk"):
         cfg = TrainConfig(device="cpu", dead_latents=kind)
@@ -123,8 +108,8 @@ def test_static_losses_are_zero_without_dead_latents_and_match_eager_with_them()
 def test_graph_step_has_no_host_synchronisation(case):
     """Everything a CUDA graph would hold runs without a syncing op. Adam is left out here: on CPU it is
     the plain (non-capturable) one, which reads its step count; on CUDA the capturable one is used."""
-    h, y = _data()
-    tr = _trainer(h, y, graph=True, **CASES[case])
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=True, **CASES[case])
     tr.train_step()  # Adam creates its state lazily
     real_step = tr.opt.step
 
@@ -141,8 +126,8 @@ def test_graph_step_has_no_host_synchronisation(case):
 
 def test_sync_detector_sees_the_eager_step():
     """Control: the eager step does synchronise (the dead set's size, nonzero, the loss check)."""
-    h, y = _data()
-    tr = _trainer(h, y, graph=False)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=False)
     for _ in range(4):
         tr.train_step()  # latents go dead
     with SyncOps() as mode:
@@ -151,8 +136,8 @@ def test_sync_detector_sees_the_eager_step():
 
 
 def test_non_finite_loss_stops_before_a_checkpoint(tmp_path):
-    h, y = _data()
-    tr = _trainer(h, y, graph=True, out_dir=tmp_path, checkpoint_every=16 * 4, log_every=100)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=True, out_dir=tmp_path, checkpoint_every=16 * 4, log_every=100)
     tr.train(steps=2)
     with torch.no_grad():
         tr.sae.b_dec[0] = float("nan")
@@ -164,10 +149,10 @@ def test_non_finite_loss_stops_before_a_checkpoint(tmp_path):
 
 
 def test_checkpoints_resume_across_modes(tmp_path):
-    h, y = _data()
-    full = _trainer(h, y, graph=False).train()
+    h, y = tiny_data()
+    full = tiny_trainer(h, y, cuda_graph=False).train()
     for first, second in ((True, False), (False, True), (True, True)):
-        part = _trainer(h, y, graph=first, out_dir=tmp_path / f"{first}{second}")
+        part = tiny_trainer(h, y, cuda_graph=first, out_dir=tmp_path / f"{first}{second}")
         part.train(steps=5)
         path = part.save(tmp_path / f"{first}{second}" / "mid")
         cfg = part.cfg
@@ -185,8 +170,8 @@ def test_graph_step_keeps_its_buffers_in_place():
     """What a CUDA graph holds by address: the batch buffers, the parameters, Adam's state and the firing
     counters must not move between steps (on CPU, the stand-in for "the graph still points at them").
     Slots are per (rows, phase); the first phase's are dropped at the switch."""
-    h, y = _data()
-    tr = _trainer(h, y, graph=True, alternate_half_batches=True, stopgrad_plain_sae=True)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=True, alternate_half_batches=True, stopgrad_plain_sae=True)
     for _ in range(2):  # steps 0 and 1: one of each batch size (the phase switches at step 4)
         tr.train_step()
     assert set(tr._graph.slots) == {(16, False), (8, False)}
@@ -217,8 +202,8 @@ def test_reset_after_a_bad_step_clears_the_record():
     trains on: the record of the bad step belongs to the discarded steps."""
     import copy
 
-    h, y = _data()
-    tr = _trainer(h, y, graph=True)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=True)
     tr.train(steps=2)
     state, weights = copy.deepcopy(tr.state_dict()), copy.deepcopy(tr.sae.state_dict())
     with torch.no_grad():
@@ -251,9 +236,9 @@ def test_pipeline_fingerprint_ignores_cuda_graph(tmp_path):
 
 def test_cuda_graph_is_refused_under_torchrun(monkeypatch):
     monkeypatch.setattr("concept_ext.distributed.enabled", lambda: True)
-    h, y = _data()
+    h, y = tiny_data()
     with pytest.raises(ValueError, match="cuda_graph is single-process only"):
-        _trainer(h, y, graph=True)
+        tiny_trainer(h, y, cuda_graph=True)
 
 
 def test_deferred_check_catches_a_non_finite_loss_at_the_next_checkpoint(tmp_path, monkeypatch):
@@ -272,8 +257,8 @@ def test_deferred_check_catches_a_non_finite_loss_at_the_next_checkpoint(tmp_pat
         return out
 
     monkeypatch.setattr(train_graph, "sae_losses", nan_on_third_call)
-    h, y = _data()
-    tr = _trainer(h, y, graph=True, out_dir=tmp_path, checkpoint_every=16 * 4, log_every=100)
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=True, out_dir=tmp_path, checkpoint_every=16 * 4, log_every=100)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(0-based\).*found after 4 steps"):
         tr.train()
     assert tr.step == 4 and not any(tmp_path.iterdir())
