@@ -83,3 +83,16 @@ def rate_cases(dtype: torch.dtype, gen: torch.Generator, device="cpu") -> Iterat
     v, i = make_code(50, 4, 6, dtype=dtype, gen=gen, device=device)
     v = (v * 2).round() / 2
     yield "ties", dict(values=v, indices=i, n_latents=6, rate=0.1)
+
+
+# W_enc layouts for the grad_W_enc layout rule (reference.weight_grad_like): name -> a [d, m] view of
+# fresh memory built from a [d, m] tensor w.
+W_LAYOUTS = {
+    "row_major": lambda w: w.contiguous(),
+    "transposed": lambda w: w.t().contiguous().t(),  # nn.Linear's [m, d] seen transposed (TopKSAE)
+    "padded_transposed": lambda w: torch.cat([w.t(), w.t()], 1)[:, : w.shape[0]].t(),  # strides (1, 2d)
+    "column_sliced": lambda w: torch.cat([w, w], 1)[:, ::2],  # strides (2m, 2): not cuBLAS-readable
+}
+# (x dtype, W_enc dtype) for those tests: the same-dtype cases and the opt-in bf16-weights one.
+LAYOUT_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                 (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]

@@ -8,7 +8,7 @@ import torch
 import concept_ext
 from concept_ext import reference
 from dense_oracles import dense_decode, dense_rate_loss, naive_ablation, pre_activations
-from samples import decode_cases, encode_cases, make_code, rate_cases
+from samples import LAYOUT_DTYPES, W_LAYOUTS, decode_cases, encode_cases, make_code, rate_cases
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # Relative/absolute tolerances by dtype (performance.md section 3.6): fp32 << 1e-3, bf16 1e-3..1e-2.
@@ -191,19 +191,7 @@ def test_dispatched_kernel_equals_reference_on_fresh_inputs(op):
                 assert torch.equal(a, e)
 
 
-# W_enc layouts: name -> a [d, m] view of fresh memory (d = 6, m = 10).
-W_LAYOUTS = {
-    "row_major": lambda w: w.contiguous(),
-    "transposed": lambda w: w.t().contiguous().t(),  # nn.Linear's [m, d] seen transposed (TopKSAE)
-    "padded_transposed": lambda w: torch.cat([w.t(), w.t()], 1)[:, : w.shape[0]].t(),  # strides (1, 2d)
-    "column_sliced": lambda w: torch.cat([w, w], 1)[:, ::2],  # strides (2m, 2)
-}
-# (x dtype, W_enc dtype): the same-dtype cases and the opt-in bf16-weights one.
-LAYOUT_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                 (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
-
-
-def weight_grad_layouts(device: str) -> None:
+def test_weight_grad_layout_is_the_same_everywhere():
     """grad_W_enc's layout is the same from the kernel, the reference and the fake (torch.compile, opcheck)
     for every W_enc layout and dtype: W_enc's own where it is transposed-contiguous, row-major otherwise."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -211,13 +199,11 @@ def weight_grad_layouts(device: str) -> None:
     g = torch.Generator().manual_seed(3)
     for name, layout in W_LAYOUTS.items():
         for xdt, wdt in LAYOUT_DTYPES:
-            x = torch.randn(7, 6, generator=g).to(device, xdt)
-            W = layout(torch.randn(6, 10, generator=g)).to(device, wdt)
-            if wdt != xdt:  # .to() keeps strides for dense layouts only; rebuild the layout in bf16
-                W = layout(torch.randn(6, 10, generator=g).to(device, wdt))
-            b = torch.zeros(10, device=device, dtype=wdt)
+            x = torch.randn(7, 6, generator=g).to(xdt)
+            W = layout(torch.randn(6, 10, generator=g).to(wdt))  # [6, 10] in its dtype, then laid out
+            b = torch.zeros(10, dtype=wdt)
             values, indices = reference.topk_encode(x, W.to(xdt), b.to(xdt), 3)
-            gv = torch.randn(7, 3, generator=g).to(device, xdt)
+            gv = torch.randn(7, 3, generator=g).to(xdt)
             got = torch.ops.concept_ext.topk_encode_backward(gv, values, indices, x, W)
             want = reference.topk_encode_backward(gv, values, indices, x, W)
             with FakeTensorMode() as mode:
@@ -228,7 +214,3 @@ def weight_grad_layouts(device: str) -> None:
                 assert out[1].stride() == rule, (name, xdt, wdt, what, out[1].stride())
                 assert out[1].dtype == wdt and out[0].stride() == (6, 1), (name, xdt, wdt, what)
             _close(got[1], want[1], torch.bfloat16 if torch.bfloat16 in (xdt, wdt) else xdt, scale=4.0)
-
-
-def test_weight_grad_layout_is_the_same_everywhere():
-    weight_grad_layouts("cpu")

@@ -20,6 +20,7 @@ import torch
 
 import concept_ext
 from concept_ext import reference as ref
+from samples import LAYOUT_DTYPES, W_LAYOUTS
 
 OPS = ["topk_encode", "topk_encode_backward", "sparse_decode", "sparse_decode_backward",
        "activation_rate_loss", "activation_rate_loss_backward", "ablate_decode", "ablate_decode_padded"]
@@ -187,12 +188,8 @@ def test_topk_encode_weight_grad_layouts():
     """grad_W_enc follows reference.weight_grad_like's layout rule (which the fake kernel follows too,
     test_ops_correctness.py) for every W_enc layout, including ones cuBLAS cannot read in place."""
     g = _gen(17)
-    layouts = {"row_major": lambda w: w.contiguous(), "transposed": lambda w: w.t().contiguous().t(),
-               "padded_transposed": lambda w: torch.cat([w.t(), w.t()], 1)[:, : w.shape[0]].t(),
-               "column_sliced": lambda w: torch.cat([w, w], 1)[:, ::2]}
-    for name, layout in layouts.items():
-        for xdt, wdt in ((torch.float32, torch.float32), (torch.float64, torch.float64),
-                         (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)):
+    for name, layout in W_LAYOUTS.items():
+        for xdt, wdt in LAYOUT_DTYPES:
             x = _randn(9, 6, dtype=xdt, g=g)
             W = layout(_randn(6, 40, dtype=wdt, g=g))
             b = torch.zeros(40, device=DEV, dtype=xdt)
