@@ -9,10 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_gpu_cpu_smoke(tmp_path, capsys):
+def _run_gpu():
+    """benchmarks/run_gpu.py as a fresh module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("run_gpu", ROOT / "benchmarks" / "run_gpu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_gpu_cpu_smoke(tmp_path, capsys):
+    mod = _run_gpu()
     out = tmp_path / "smoke.json"
     record = mod.main(["--cpu-smoke", "--no-compile", "--threads", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -46,9 +52,7 @@ def test_run_gpu_cpu_smoke(tmp_path, capsys):
 
 def test_run_gpu_writes_after_every_size(tmp_path, monkeypatch):
     """A run stopped part-way (a device time limit) keeps the sizes it finished."""
-    spec = importlib.util.spec_from_file_location("run_gpu", ROOT / "benchmarks" / "run_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _run_gpu()
     out = tmp_path / "partial.json"
     real, calls = mod.run_size, []
 
@@ -70,9 +74,7 @@ def test_run_gpu_writes_after_every_size(tmp_path, monkeypatch):
 
 
 def test_targets_summary_counts_what_the_targets_need():
-    spec = importlib.util.spec_from_file_location("run_gpu", ROOT / "benchmarks" / "run_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _run_gpu()
 
     def row(op, m, impl, ms, ok=True, mem=None):
         return {"set": "core", "op": op, "n": 16, "d": 8, "m": m, "k": 4, "impl": impl, "median_ms": ms, "ok": ok,
