@@ -32,8 +32,8 @@ pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(), reas
 
 
 def make_classifier(name: str):
-    from concept_ext.backbones import load_backbone
-    from concept_ext.classifier import Classifier
+    from concept_ext.classifier.backbones import load_backbone
+    from concept_ext.classifier.model import Classifier
 
     names = ["World", "Sports", "Business", "SciTech"]
     if name == "neox":
@@ -46,7 +46,7 @@ def make_classifier(name: str):
 
 
 def texts(name: str) -> list[str]:
-    from concept_ext.data import load_dataset
+    from concept_ext.text.data import load_dataset
 
     return load_dataset("ag_news", "test", max_rows=N_ROWS[name]).texts
 
@@ -60,7 +60,7 @@ def ours(clf, data):
 @torch.no_grad()
 def reference_way(clf, data):
     """Batch-1 full-model pass for the labels, then a batch-4 file-order pass for the activations."""
-    from concept_ext.prompt import pad_batch
+    from concept_ext.text.prompt import pad_batch
 
     model, L = clf.model, clf.layer
     enc = clf.encode(data)

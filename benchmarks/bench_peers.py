@@ -10,7 +10,7 @@ Groups (``--benchmark-group-by=group``; "x" ratios read within a group):
   ``decoder_impl`` (``F.embedding_bag`` on CPU) and SAELens' dense decode; outputs and the grads of
   values and W_dec checked against each other.
 * ``peers-train-<size>``: one TopK-SAE training step, forward + backward, no optimiser, MSE only:
-  ours = :func:`concept_ext.losses.sae_losses` with ``normalize='none'``, ``mse_normalization='fvu'``,
+  ours = :func:`concept_ext.sae.losses.sae_losses` with ``normalize='none'``, ``mse_normalization='fvu'``,
   lambda_ar = lambda_cls = 0 (sparsify's FVU objective); sparsify ``SparseCoder`` (``transcode=True``: no
   pre-bias, like ours); SAELens ``TopKTrainingSAE.training_forward_pass`` (its loss is our FVU times
   sum||x - mean||^2 / B). Loss and every parameter gradient are compared with sparsify's.
@@ -39,12 +39,12 @@ import torch.nn.functional as F
 
 import concept_ext
 import peers
-from concept_ext import reference
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.losses import sae_losses
+from concept_ext.ops import reference
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.losses import sae_losses
 from concept_ext.metrics.interpret import sentence_sim
 from concept_ext.metrics.jenks import jenks2_breaks
-from concept_ext.sae import TopKSAE
+from concept_ext.sae.model import TopKSAE
 from conftest import FULL, SIZES
 
 ROUNDS = int(os.environ.get("CONCEPT_EXT_BENCH_ROUNDS", "5")) if FULL else 1

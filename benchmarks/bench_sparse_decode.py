@@ -10,7 +10,7 @@ Groups ``sparse_decode-<size>-<fwd|fwd+bwd>`` compare, in the same process and o
 * ``dense``: scatter the code into ``zeros[N, m]`` then ``z @ W_dec + b_dec`` (what most SAE libraries do).
 
 Backward is ``out.backward(grad)`` w.r.t. values, W_dec and b_dec. Before timing, each implementation's
-output and gradients are checked against :mod:`concept_ext.reference`.
+output and gradients are checked against :mod:`concept_ext.ops.reference`.
 Targets (performance.md, CPU, 2 threads, fp32): ours fwd+bwd >= 10x the dense path, and not slower than
 embedding_bag (stretch: >= 1.2x).
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import concept_ext
-from concept_ext import reference as ref
+from concept_ext.ops import reference as ref
 
 from conftest import FULL, SIZES
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import concept_ext
-from concept_ext import reference
+from concept_ext.ops import reference
 from conftest import FULL, SIZES, Size
 
 BENCH_SIZES = SIZES + ([Size("S2-d512", 4096, 512, 16384, 32)] if FULL else [])

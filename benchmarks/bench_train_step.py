@@ -1,6 +1,6 @@
 """One ClassifSAE training step (encode + decode + losses + backward, no optimiser): ours vs dense PyTorch.
 
-* ``concept_ext``: :func:`concept_ext.losses.sae_losses` on the sparse code (``topk_encode``,
+* ``concept_ext``: :func:`concept_ext.sae.losses.sae_losses` on the sparse code (``topk_encode``,
   ``sparse_decode``, ``activation_rate_loss``; the dense [B, m] code is never formed);
 * ``dense``: the same objective written the way SAELens-style code does it: dense ``F.linear`` encoder,
   ``topk``, scatter into zeros ``[B, m]``, dense decode matmul, column top-k over ``[B, m]`` for L_ar,
@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concept_ext.config_sae import SAEConfig, TrainConfig
+from concept_ext.config.sae import SAEConfig, TrainConfig
 from concept_ext.info import kernel_for
-from concept_ext.losses import sae_losses
-from concept_ext.sae import ClassifSAE
+from concept_ext.sae.losses import sae_losses
+from concept_ext.sae.model import ClassifSAE
 
 from conftest import FULL, SIZES
 

@@ -6,7 +6,7 @@ gradient norm, (6) Adam. Dead-latent handling (ghost grads / AuxK) is off: it se
 with ``nonzero``, a data-dependent shape that no CUDA graph can hold. Three implementations, each on its
 own copy of the same initial weights and batch:
 
-* ``ours``: :func:`concept_ext.losses.sae_losses` on the custom ops, eager;
+* ``ours``: :func:`concept_ext.sae.losses.sae_losses` on the custom ops, eager;
 * ``ours_graph``: the same step captured once in a CUDA graph and replayed (CUDA only);
 * ``eager``: the same mathematics in plain dense PyTorch (``[B, m]`` codes, ``topk`` over the batch for
   L_ar), what one would write without the custom ops.
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.losses import EPS, sae_losses
-from concept_ext.sae import ClassifSAE, build_sae
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.losses import EPS, sae_losses
+from concept_ext.sae.model import ClassifSAE, build_sae
 
 #: Paper v2 coefficients (method.md 2.3), dead-latent handling off (see the module docstring).
 STEP_CFG = TrainConfig(lambda_mse=0.02, lambda_ar=0.02, lambda_cls=1.0, target_rate=0.1,
@@ -209,7 +209,7 @@ TRAINER_CFG = dict(lambda_mse=0.02, lambda_ar=0.02, lambda_cls=1.0, target_rate=
 
 
 def trainer_impls(d: int, m: int, k: int, x: Tensor, labels: Tensor) -> tuple[dict[str, Step], Callable]:
-    """:meth:`concept_ext.train.Trainer.train_step` itself (data order, ghost grads, firing counters and
+    """:meth:`concept_ext.sae.trainer.Trainer.train_step` itself (data order, ghost grads, firing counters and
     all), on batches of ``B = x.shape[0]`` rows drawn from a pool of 4B rows built from ``x``:
 
     * ``ours``: ``TrainConfig(cuda_graph=True)``; its first call runs the warm-up steps, the capture and
@@ -219,8 +219,8 @@ def trainer_impls(d: int, m: int, k: int, x: Tensor, labels: Tensor) -> tuple[di
     Both start from the same weights and their first call runs the same ``WARMUP_STEPS + 1`` steps. Each
     returns ``(loss, grad W_dec)`` of its last step; the check compares the first call's (on CUDA a
     replayed step, with dead latents in play) with the eager trainer's in float64 after as many steps."""
-    from concept_ext.train import Trainer
-    from concept_ext.train_graph import WARMUP_STEPS
+    from concept_ext.sae.trainer import Trainer
+    from concept_ext.sae.graph_step import WARMUP_STEPS
 
     b, dev = x.shape[0], x.device
     gen = torch.Generator(device="cpu").manual_seed(3)

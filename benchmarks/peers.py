@@ -3,7 +3,7 @@
 Every adapter builds the peer's own module from the SAME weights as ours, so that every implementation in
 a benchmark sees identical inputs:
 
-* ours: ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]``, ``b_dec [d]`` (concept_ext.sae.TopKSAE);
+* ours: ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]``, ``b_dec [d]`` (concept_ext.sae.model.TopKSAE);
 * eai-sparsify 1.3.3 (import name ``sparsify``; never the unrelated PyPI package called ``sparsify``):
   ``SparseCoder`` with ``encoder.weight [m, d]`` (= W_enc^T), ``encoder.bias``, ``W_dec [m, d]``,
   ``b_dec``. ``transcode=True`` turns off its ``x - b_dec`` pre-bias so that the encoder input is the same

@@ -40,10 +40,10 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import classifsae_step  # noqa: E402
 import concept_ext  # noqa: E402
 import peers  # noqa: E402
-from concept_ext import reference  # noqa: E402
-from concept_ext.config_sae import SAEConfig, TrainConfig  # noqa: E402
-from concept_ext.losses import sae_losses  # noqa: E402
-from concept_ext.sae import TopKSAE  # noqa: E402
+from concept_ext.ops import reference  # noqa: E402
+from concept_ext.config.sae import SAEConfig, TrainConfig  # noqa: E402
+from concept_ext.sae.losses import sae_losses  # noqa: E402
+from concept_ext.sae.model import TopKSAE  # noqa: E402
 
 #: name -> list of (n, d, m, k); performance.md 3.3.
 SIZES = {

@@ -35,14 +35,14 @@ def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
     from concept_ext import distributed
-    from concept_ext.backbones import load_backbone
-    from concept_ext.cache import build_cache
-    from concept_ext.classifier import Classifier
-    from concept_ext.config_clf import CacheConfig
-    from concept_ext.config_sae import SAEConfig, TrainConfig
-    from concept_ext.data import load_dataset
-    from concept_ext.sae import build_sae
-    from concept_ext.train import Trainer
+    from concept_ext.classifier.backbones import load_backbone
+    from concept_ext.cache.activations import build_cache
+    from concept_ext.classifier.model import Classifier
+    from concept_ext.config.clf import CacheConfig
+    from concept_ext.config.sae import SAEConfig, TrainConfig
+    from concept_ext.text.data import load_dataset
+    from concept_ext.sae.model import build_sae
+    from concept_ext.sae.trainer import Trainer
     from transformers import AutoTokenizer
 
     distributed.init_from_env(device="cpu")

@@ -29,7 +29,7 @@ PIPELINE_COMMANDS = {
 
 
 def _fields_epilog() -> str:
-    from .config_run import describe_fields
+    from concept_ext.config.run import describe_fields
 
     lines = ["configuration fields (set with --set key=value; values are JSON when they parse as JSON):"]
     for key, default, doc in describe_fields():
@@ -72,15 +72,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pipeline(args) -> int:
-    from .config_run import load_run_config
-    from .pipeline import Pipeline
+    from concept_ext.config.run import load_run_config
+    from concept_ext.pipeline.stages import Pipeline
 
     cfg = load_run_config(args.config, args.overrides)
     pipe = Pipeline(cfg, args.out, force=args.force, progress=not args.quiet)
     steps = ["finetune", "cache", "train", "evaluate", "report"]
     upto = "report" if args.command in ("run", "demo") else args.command
     runstate_embed = steps.index(upto) >= steps.index("evaluate")
-    from . import config_run
+    from concept_ext.config import run as config_run
 
     pipe.finetune()
     if upto == "finetune":
@@ -88,7 +88,7 @@ def _pipeline(args) -> int:
     pipe.cache()
     if upto == "cache":
         return 0
-    from . import distributed
+    from concept_ext import distributed
 
     if distributed.enabled():
         # torchrun, fit_parallel="data": the SAE methods train data-parallel on every rank; "tasks": each rank
@@ -130,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         if multi:  # started by torchrun: join the process group (bounded timeout), run, leave
-            from .distributed import run_ranked
+            from concept_ext.distributed import run_ranked
 
             return run_ranked(lambda: _pipeline(args))
         if args.command == "info":
-            from .info import build_info, format_info
+            from concept_ext.info import build_info, format_info
 
             info = build_info()
             print(json.dumps(info, indent=2) if args.json else format_info(info))
             return 0
         if args.command == "explain":
-            from .explain import explain
+            from concept_ext.pipeline.explain import explain
 
             ex = explain(args.run, args.text, method=args.method, seed=args.seed)
             if args.json:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .ops import OP_NAMES
+from concept_ext.ops import OP_NAMES
 
 _PUBLIC_OPS = ("topk_encode", "sparse_decode", "activation_rate_loss", "ablate_decode")
 

@@ -57,7 +57,7 @@ def pythia_tokenizer():
 
 def make_tiny_neox(tokenizer=None, seed: int = 0):
     """A fresh tiny GPT-NeoX backbone (random init, seeded)."""
-    from concept_ext.backbones import load_backbone
+    from concept_ext.classifier.backbones import load_backbone
 
     return load_backbone(f"config:{PYTHIA_14M}", config_overrides=TINY_NEOX, tokenizer=tokenizer, seed=seed)
 
@@ -85,7 +85,7 @@ def make_tiny_bert(tmp: Path, num_labels: int = 4, seed: int = 0):
     """A fresh 2-layer random BERT classifier with a small WordPiece tokenizer."""
     from transformers import BertConfig
 
-    from concept_ext.backbones import load_backbone
+    from concept_ext.classifier.backbones import load_backbone
 
     tok = _bert_tokenizer(tmp)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""Deliberately naive dense implementations, written independently of ``concept_ext.reference``.
+"""Deliberately naive dense implementations, written independently of ``concept_ext.ops.reference``.
 
 They check the reference itself (which is the oracle of the kernels) against the formulas of
 method.md: everything here materialises the dense ``[N, m]`` code.

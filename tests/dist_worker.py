@@ -49,9 +49,9 @@ def sae_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def sae_trainer(case: str):
     """A fresh trainer of one case (the same weights on every process)."""
-    from concept_ext.config_sae import SAEConfig, TrainConfig
-    from concept_ext.sae import build_sae
-    from concept_ext.train import Trainer
+    from concept_ext.config.sae import SAEConfig, TrainConfig
+    from concept_ext.sae.model import build_sae
+    from concept_ext.sae.trainer import Trainer
 
     name, scfg, tcfg = next(c for c in SAE_CASES if c[0] == case)
     sae_cfg = SAEConfig(d=D, m=24, k=4, n_concepts=4, n_classes=3, **scfg)
@@ -85,8 +85,8 @@ def task_sae(out: Path) -> None:
 def tiny_classifier():
     from transformers import AutoTokenizer
 
-    from concept_ext.backbones import load_backbone
-    from concept_ext.classifier import Classifier
+    from concept_ext.classifier.backbones import load_backbone
+    from concept_ext.classifier.model import Classifier
 
     tok = AutoTokenizer.from_pretrained(str(PYTHIA_TOKENIZER))
     bb = load_backbone(f"config:{PYTHIA_14M}", config_overrides=TINY_NEOX, tokenizer=tok, seed=0, num_labels=4)
@@ -97,8 +97,8 @@ def tied_classifier():
     """A tiny GPT-2 whose LM head is tied to the token embedding (as SmolLM2's), without dropout."""
     from transformers import AutoTokenizer, GPT2Config
 
-    from concept_ext.backbones import load_backbone
-    from concept_ext.classifier import Classifier
+    from concept_ext.classifier.backbones import load_backbone
+    from concept_ext.classifier.model import Classifier
 
     tok = AutoTokenizer.from_pretrained(str(PYTHIA_TOKENIZER))
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50304, n_positions=512, tie_word_embeddings=True,
@@ -108,21 +108,21 @@ def tied_classifier():
 
 
 def sentences(n: int = 40):
-    from concept_ext.data import load_dataset
+    from concept_ext.text.data import load_dataset
 
     return load_dataset(str(SHARED / "data" / "ag_news"), "test", max_rows=n)
 
 
 def task_cache(out: Path) -> None:
-    from concept_ext.cache import build_cache
-    from concept_ext.config_clf import CacheConfig
+    from concept_ext.cache.activations import build_cache
+    from concept_ext.config.clf import CacheConfig
 
     build_cache(tiny_classifier(), sentences(), "test", out_dir=out / "cache",
                 config=CacheConfig(layer=1, batch_size=4, shard_size=6))
 
 
 def finetune_config(steps: int = 4, checkpoint_every: int = 0):
-    from concept_ext.config_clf import FineTuneConfig
+    from concept_ext.config.clf import FineTuneConfig
 
     return FineTuneConfig(steps=steps, batch_size=4, lr=1e-3, warmup_steps=1, bucket_factor=2, seed=1,
                           checkpoint_every=checkpoint_every, max_eval_rows=8, eval_batch_size=8)
@@ -133,9 +133,9 @@ def task_finetune(out: Path, *, parallel: str = "ddp") -> None:
     (``parallel="fsdp"``: the same with fully sharded fine-tuning, in fsdp_fresh / fsdp_resume)."""
     import dataclasses
 
-    from concept_ext.finetune import finetune
+    from concept_ext.classifier.finetune import finetune
 
-    from concept_ext import finetune_fsdp
+    from concept_ext.classifier import finetune_fsdp
 
     tag = "ft" if parallel == "ddp" else parallel
     cfg = dataclasses.replace(finetune_config(checkpoint_every=2), parallel=parallel)

@@ -12,7 +12,7 @@ import torch
 from torch.autograd import gradcheck
 
 import concept_ext
-from concept_ext import reference
+from concept_ext.ops import reference
 from dense_oracles import naive_ablation
 from samples import decode_cases, make_code
 

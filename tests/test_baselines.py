@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from concept_ext.baselines import (  # noqa: E402
+from concept_ext.concepts import (  # noqa: E402
     ConceptSHAPConcepts,
     HIConceptConcepts,
     ICAConcepts,
@@ -24,12 +24,12 @@ from concept_ext.baselines import (  # noqa: E402
     shapley_exact,
     shapley_permutation,
 )
-from concept_ext.baselines.bottleneck import far_loss_v2, sim_loss_v2  # noqa: E402
-from concept_ext.baselines.conceptshap import gram_r2, knn_r1  # noqa: E402
-from concept_ext.baselines.hiconcept import flip_loss  # noqa: E402
-from concept_ext.baselines.shapley import subset_accuracy_fn  # noqa: E402
-from concept_ext.concepts import load_concept_model, n_batches  # noqa: E402
-from concept_ext.config_baselines import (  # noqa: E402
+from concept_ext.concepts.bottleneck import far_loss_v2, sim_loss_v2  # noqa: E402
+from concept_ext.concepts.conceptshap import gram_r2, knn_r1  # noqa: E402
+from concept_ext.concepts.hiconcept import flip_loss  # noqa: E402
+from concept_ext.concepts.shapley import subset_accuracy_fn  # noqa: E402
+from concept_ext.concepts.base import load_concept_model, n_batches  # noqa: E402
+from concept_ext.config.baselines import (  # noqa: E402
     BottleneckConfig,
     HIConceptConfig,
     ICAConfig,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import make_tiny_neox, needs_shared
 
-from concept_ext.cache import CacheError, CacheKeyMismatch, build_cache, load_cache, spot_check
-from concept_ext.classifier import Classifier
-from concept_ext.config_clf import CacheConfig
-from concept_ext.data import load_dataset
+from concept_ext.cache.activations import CacheError, CacheKeyMismatch, build_cache, load_cache, spot_check
+from concept_ext.classifier.model import Classifier
+from concept_ext.config.clf import CacheConfig
+from concept_ext.text.data import load_dataset
 
 pytestmark = needs_shared
 CFG = CacheConfig(shard_size=4, batch_size=3)

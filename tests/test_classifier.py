@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import make_tiny_neox, needs_shared
 
-from concept_ext.backbones import FAMILIES, BackboneUnavailable, load_backbone, resolve, weights_hash
-from concept_ext.classifier import Classifier, length_buckets
-from concept_ext.config_clf import PromptConfig
-from concept_ext.data import load_dataset
+from concept_ext.classifier.backbones import FAMILIES, BackboneUnavailable, load_backbone, resolve, weights_hash
+from concept_ext.classifier.model import Classifier, length_buckets
+from concept_ext.config.clf import PromptConfig
+from concept_ext.text.data import load_dataset
 
 pytestmark = needs_shared
 

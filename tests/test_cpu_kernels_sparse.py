@@ -1,7 +1,7 @@
 """Kernel-focused tests of the C++ CPU kernels of the sparse-code ops.
 
 Covers ``sparse_decode`` (+ backward), ``activation_rate_loss`` (+ backward) and ``ablate_decode``
-(csrc/cpu/sparse_decode.cpp, activation_rate.cpp, ablate_decode.cpp) against ``concept_ext.reference`` on
+(csrc/cpu/sparse_decode.cpp, activation_rate.cpp, ablate_decode.cpp) against ``concept_ext.ops.reference`` on
 fresh random inputs: odd sizes, k = 1, k = m, ties, empty batch, int32 indices, non-contiguous inputs,
 float32/float64/bfloat16/float16; float64 gradcheck through ``torch.ops.concept_ext``; the activation-rate
 loss also against an independent dense formula (scatter to [N, m], column top-k). The ops are called
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import concept_ext  # noqa: F401  (loads _C when built)
-from concept_ext import reference as ref
+from concept_ext.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(
     not torch._C._dispatch_has_kernel_for_dispatch_key("concept_ext::sparse_decode", "CPU"),

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_ext import reference as ref
+from concept_ext.ops import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

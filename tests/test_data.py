@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import needs_shared
 
-from concept_ext import data as D
+from concept_ext.text import data as D
 
 pytestmark = needs_shared
 

@@ -149,8 +149,8 @@ def test_dead_peer_without_agent_fails_within_timeout(tmp_path):
 def test_two_rank_cache_equals_one_rank_cache(tmp_path):
     import json
 
-    from concept_ext.cache import build_cache, load_cache
-    from concept_ext.config_clf import CacheConfig
+    from concept_ext.cache.activations import build_cache, load_cache
+    from concept_ext.config.clf import CacheConfig
 
     cfg = CacheConfig(layer=1, batch_size=4, shard_size=6)
     # A one-process build interrupted after 2 of 7 shards: the 2-rank build resumes it.
@@ -188,7 +188,7 @@ class _Stop(Exception):
 @needs_shared
 @pytest.mark.slow
 def test_ddp_finetune_equals_single_process_and_resumes(tmp_path, monkeypatch):
-    import concept_ext.finetune as ft
+    import concept_ext.classifier.finetune as ft
 
     cfg = W.finetune_config(checkpoint_every=2)
     # A single-process run interrupted right after its step-2 checkpoint: the 2-rank job resumes it.
@@ -221,7 +221,7 @@ def test_ddp_finetune_equals_single_process_and_resumes(tmp_path, monkeypatch):
 
 def _interrupted_single_process_finetune(monkeypatch, out: Path, cfg) -> None:
     """A single-process fine-tuning stopped right after its first checkpoint (the 2-rank job resumes it)."""
-    import concept_ext.finetune as ft
+    import concept_ext.classifier.finetune as ft
 
     real_save = ft._save_checkpoint
 
@@ -243,7 +243,7 @@ def test_fsdp_finetune_equals_single_process_resumes_and_writes_its_checkpoints(
     from the gathered shards is the single-process checkpoint (same files, keys, parameter ids, values)."""
     from safetensors.torch import load_file
 
-    import concept_ext.finetune as ft
+    import concept_ext.classifier.finetune as ft
 
     cfg = W.finetune_config(checkpoint_every=2)
     _interrupted_single_process_finetune(monkeypatch, tmp_path / "fsdp_resume", cfg)
@@ -307,8 +307,8 @@ def test_torchrun_cli_train_equals_single_process(tmp_path):
     gives the caches and SAE weights of ``python -m concept_ext train``."""
     import json
 
-    from concept_ext.cache import load_cache
-    from concept_ext.checkpoint import load_checkpoint
+    from concept_ext.cache.activations import load_cache
+    from concept_ext.sae.checkpoint import load_checkpoint
 
     cfg = {"backbone": f"config:{W.PYTHIA_14M}", "config_overrides": W.TINY_NEOX,
            "dataset": str(W.SHARED / "data" / "ag_news"), "train_rows": 48, "test_rows": 24,
@@ -344,7 +344,7 @@ def test_torchrun_task_parallel_run_equals_single_process(tmp_path):
     its tasks), and every fit, every evaluation and the report's numbers equal a single-process run's."""
     import json
 
-    from concept_ext.checkpoint import load_checkpoint
+    from concept_ext.sae.checkpoint import load_checkpoint
 
     cfg = {"backbone": f"config:{W.PYTHIA_14M}", "config_overrides": W.TINY_NEOX,
            "dataset": str(W.SHARED / "data" / "ag_news"), "train_rows": 96, "test_rows": 32,

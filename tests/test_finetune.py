@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_tiny_bert, make_tiny_neox, needs_shared
 
-from concept_ext.backbones import load_backbone, weights_hash
-from concept_ext.classifier import Classifier
-from concept_ext.config_clf import FineTuneConfig
-from concept_ext.data import load_dataset
-from concept_ext.finetune import _lr_lambda, batch_order, finetune
+from concept_ext.classifier.backbones import load_backbone, weights_hash
+from concept_ext.classifier.model import Classifier
+from concept_ext.config.clf import FineTuneConfig
+from concept_ext.text.data import load_dataset
+from concept_ext.classifier.finetune import _lr_lambda, batch_order, finetune
 
 pytestmark = needs_shared
 QUICK = dict(steps=4, batch_size=4, lr=1e-3, warmup_ratio=0.25, eval_batch_size=16)

@@ -7,8 +7,8 @@ import torch
 from conftest import needs_shared
 from torch import nn
 
-from concept_ext.classifier import Classifier
-from concept_ext.hooks import capture_layer_call, capture_resid_pre, join_hidden, replace_resid_pre, split_hidden
+from concept_ext.classifier.model import Classifier
+from concept_ext.classifier.hooks import capture_layer_call, capture_resid_pre, join_hidden, replace_resid_pre, split_hidden
 
 pytestmark = needs_shared
 TEXTS = ["The stock market fell sharply today.", "A short one.", "Team wins the final game in overtime!"]

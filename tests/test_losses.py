@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.losses import sae_losses
-from concept_ext.sae import ClassifSAE, TopKSAE
-from concept_ext.train import EpochCounter, lr_at
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.losses import sae_losses
+from concept_ext.sae.model import ClassifSAE, TopKSAE
+from concept_ext.sae.trainer import EpochCounter, lr_at
 
 D, M, K, N_C, C, B = 6, 10, 3, 3, 2, 8
 

@@ -1,12 +1,12 @@
 """Every op, as dispatched (compiled kernel when built, else the reference), against independent dense
-oracles and against ``concept_ext.reference``, on fresh random inputs and the edge cases of samples.py."""
+oracles and against ``concept_ext.ops.reference``, on fresh random inputs and the edge cases of samples.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import concept_ext
-from concept_ext import reference
+from concept_ext.ops import reference
 from dense_oracles import dense_decode, dense_rate_loss, naive_ablation, pre_activations
 from samples import LAYOUT_DTYPES, W_LAYOUTS, decode_cases, encode_cases, make_code, rate_cases
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import concept_ext
-from concept_ext import reference as ref
+from concept_ext.ops import reference as ref
 from samples import LAYOUT_DTYPES, W_LAYOUTS
 
 OPS = ["topk_encode", "topk_encode_backward", "sparse_decode", "sparse_decode_backward",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_ext import methods as methods_mod
-from concept_ext.config_run import METHODS, RunConfig, describe_fields, load_run_config
-from concept_ext.pipeline import Pipeline
+from concept_ext.pipeline import methods as methods_mod
+from concept_ext.config.run import METHODS, RunConfig, describe_fields, load_run_config
+from concept_ext.pipeline.stages import Pipeline
 from concept_ext.runstate import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def test_report_has_all_five_methods(finished_run):
 
 @pytest.mark.slow
 def test_explain_contributions_are_exact_for_classifsae(finished_run):
-    from concept_ext.explain import explain
-    from concept_ext.methods import load_method
+    from concept_ext.pipeline.explain import explain
+    from concept_ext.pipeline.methods import load_method
 
     out, _, _ = finished_run
     text = "Stocks fell sharply on Wall Street as oil prices rose."

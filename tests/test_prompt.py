@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import needs_shared
 
-from concept_ext.config_clf import PromptConfig
-from concept_ext.prompt import (build_prompt, decision_positions, encode_texts, label_token_ids, pad_batch,
+from concept_ext.config.clf import PromptConfig
+from concept_ext.text.prompt import (build_prompt, decision_positions, encode_texts, label_token_ids, pad_batch,
                                 position_ids_from_mask)
 
 AG = ["World", "Sports", "Business", "SciTech"]

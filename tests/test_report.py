@@ -1,4 +1,4 @@
-"""report.md and its figures from synthetic results dictionaries (concept_ext.report, concept_ext.plots)."""
+"""report.md and its figures from synthetic results dictionaries (concept_ext.report.markdown, concept_ext.report.plots)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from concept_ext import plots, report
-from concept_ext.report import fmt, lookup, write_report
+from concept_ext.report import plots
+
+from concept_ext.report import markdown as report
+from concept_ext.report.markdown import fmt, lookup, write_report
 
 METHODS = ["ICA", "ConceptSHAP", "HI-Concept", "SAE", "ClassifSAE"]
 CLASSES = ["World", "Sports", "Business"]

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_ext.config_run import load_run_config
-from concept_ext.pipeline import Pipeline
+from concept_ext.config.run import load_run_config
+from concept_ext.pipeline.stages import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared").resolve()

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from concept_ext.concepts import _atomic_save_tensors
+from concept_ext.concepts.base import _atomic_save_tensors
 from concept_ext.runstate import atomic_write_json, atomic_write_text, default_file_mode, dumps_json, float32_list
 
 

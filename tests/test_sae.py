@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from concept_ext import checkpoint as ckpt_mod
-from concept_ext.checkpoint import FiringStats, load_checkpoint, save_checkpoint
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.sae import ClassifSAE, TopKSAE, build_sae, dense_code
+from concept_ext.sae import checkpoint as ckpt_mod
+from concept_ext.sae.checkpoint import FiringStats, load_checkpoint, save_checkpoint
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.model import ClassifSAE, TopKSAE, build_sae, dense_code
 
 CFG = dict(d=8, m=24, k=4, n_concepts=5, n_classes=3)
 

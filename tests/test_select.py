@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from concept_ext.baselines import SAEConcepts, fit_probe, rank_scores
-from concept_ext.concepts import load_concept_model
-from concept_ext.config_baselines import (
+from concept_ext.concepts import SAEConcepts, fit_probe, rank_scores
+from concept_ext.concepts.base import load_concept_model
+from concept_ext.config.baselines import (
     BaselinesConfig,
     ProbeConfig,
     SelectConfig,
     baselines_preset,
     config_from_dict,
 )
-from concept_ext.select import apply_selection, drop_dead, segment, selection_data, truncation
+from concept_ext.concepts.select import apply_selection, drop_dead, segment, selection_data, truncation
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import needs_shared
 
-from concept_ext.backbones import load_backbone
-from concept_ext.classifier import Classifier
-from concept_ext.config_clf import PromptConfig
-from concept_ext.hooks import replace_resid_pre
-from concept_ext.tail import ContextTail, SingleTokenTail, tail_ceiling
+from concept_ext.classifier.backbones import load_backbone
+from concept_ext.classifier.model import Classifier
+from concept_ext.config.clf import PromptConfig
+from concept_ext.classifier.hooks import replace_resid_pre
+from concept_ext.classifier.tail import ContextTail, SingleTokenTail, tail_ceiling
 
 pytestmark = needs_shared
 TEXTS = ["Stocks rallied after the earnings report.", "The match ended in a draw.", "New chip is faster.",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import concept_ext  # noqa: F401  (loads _C, which registers the kernels)
-from concept_ext import reference
+from concept_ext.ops import reference
 
 OP = torch.ops.concept_ext
 pytestmark = pytest.mark.skipif(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import concept_ext
-from concept_ext import reference
+from concept_ext.ops import reference
 
 
 @pytest.mark.parametrize("layout", ["dm", "md_transposed"])

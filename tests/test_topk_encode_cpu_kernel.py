@@ -1,4 +1,4 @@
-"""The compiled CPU kernels of ``topk_encode`` / ``topk_encode_backward`` against concept_ext.reference.
+"""The compiled CPU kernels of ``topk_encode`` / ``topk_encode_backward`` against concept_ext.ops.reference.
 
 Kernel-focused: odd sizes, k = 1 and k = m, ties (repeated columns), the three dtypes, empty batch,
 non-contiguous inputs, NaN errors, the two threading strategies and block sizes of the kernel
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import concept_ext  # noqa: F401  (loads _C, which registers the kernels)
-from concept_ext import reference
+from concept_ext.ops import reference
 
 pytestmark = pytest.mark.skipif(
     not torch._C._dispatch_has_kernel_for_dispatch_key("concept_ext::topk_encode", "CPU"),

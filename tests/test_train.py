@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from concept_ext.checkpoint import load_checkpoint
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.train import DataOrder, FiringTracker, Trainer, train_sae
+from concept_ext.sae.checkpoint import load_checkpoint
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.trainer import DataOrder, FiringTracker, Trainer, train_sae
 
 from planted_sae import planted
 from tiny_trainer import tiny_data, tiny_trainer
@@ -164,7 +164,7 @@ def test_trainer_steps_skip_per_op_data_checks(monkeypatch):
         seen.append(ops._check_data())
         return real(*a, **kw)
 
-    monkeypatch.setattr("concept_ext.sae.topk_encode", spy)
+    monkeypatch.setattr("concept_ext.sae.model.topk_encode", spy)
     h, y = tiny_data()
     tiny_trainer(h, y).train(steps=2)
     assert seen and not any(seen)

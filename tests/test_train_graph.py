@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.losses import sae_losses
-from concept_ext.sae import build_sae
-from concept_ext.train import Trainer
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.losses import sae_losses
+from concept_ext.sae.model import build_sae
+from concept_ext.sae.trainer import Trainer
 from tiny_trainer import tiny_data, tiny_trainer
 
 #: aten operations that make the host wait for a CUDA device (a CUDA graph cannot hold them): reading a
@@ -221,8 +221,8 @@ def test_reset_after_a_bad_step_clears_the_record():
 
 def test_pipeline_fingerprint_ignores_cuda_graph(tmp_path):
     """cuda_graph changes how, not what, is trained: turning it on must not redo the fit stages."""
-    from concept_ext.config_run import load_run_config
-    from concept_ext.pipeline import Pipeline
+    from concept_ext.config.run import load_run_config
+    from concept_ext.pipeline.stages import Pipeline
     from concept_ext.runstate import fingerprint
 
     cfg = load_run_config(None, ["device=cpu"])
@@ -244,7 +244,7 @@ def test_cuda_graph_is_refused_under_torchrun(monkeypatch):
 def test_deferred_check_catches_a_non_finite_loss_at_the_next_checkpoint(tmp_path, monkeypatch):
     """A NaN total whose gradients stay finite (a NaN constant added to the loss) leaves the kernels
     running; the check at the checkpoint due after step 4 (64 samples) finds it and nothing is written."""
-    from concept_ext import train_graph
+    from concept_ext.sae import graph_step as train_graph
 
     real = train_graph.sae_losses
     calls = []
@@ -294,7 +294,7 @@ CUDA_CASES = {
 @cuda
 @pytest.mark.parametrize("case", list(CUDA_CASES))
 def test_cuda_graph_step_is_captured_and_trains_like_eager(case):
-    from concept_ext.train_graph import WARMUP_STEPS
+    from concept_ext.sae.graph_step import WARMUP_STEPS
 
     kw = dict(CUDA_CASES[case])
     eager, graph = _cuda_trainer(False, **kw), _cuda_trainer(True, **kw)

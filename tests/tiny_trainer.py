@@ -11,9 +11,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from concept_ext.config_sae import SAEConfig, TrainConfig
-from concept_ext.sae import build_sae
-from concept_ext.train import Trainer
+from concept_ext.config.sae import SAEConfig, TrainConfig
+from concept_ext.sae.model import build_sae
+from concept_ext.sae.trainer import Trainer
 
 
 def tiny_data(n: int = 40, seed: int = 1) -> tuple[Tensor, Tensor]:

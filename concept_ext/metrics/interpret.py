@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .jenks import jenks2_breaks
+from concept_ext.metrics.jenks import jenks2_breaks
 
 __all__ = [
     "ActivatingSets", "ConceptSimResult", "CosineBaseline", "SentenceSimResult", "SetOverlap",

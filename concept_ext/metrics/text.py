@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from torch import Tensor
 
-from .interpret import _Result, top_activating
+from concept_ext.metrics.interpret import _Result, top_activating
 
 __all__ = ["TfidfTerms", "clean_texts", "tfidf_top_terms"]
 

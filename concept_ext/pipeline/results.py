@@ -1,0 +1,100 @@
+"""Assembling the per-method, per-seed evaluation results into the run's ``metrics.json`` structure.
+
+With several seeds, every headline number (RAcc, ceiling, activation rate, flip rate, TVD, ConceptSim,
+SentenceSim) becomes ``{"mean": x, "std": s, "values": [...]}``; the detailed per-concept outputs are
+those of the first seed.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from typing import TYPE_CHECKING, Any, Optional
+
+from concept_ext.config.run import METHODS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from concept_ext.pipeline.stages import Pipeline
+
+# (path inside a method's results, as a tuple of keys) of every headline number aggregated over seeds.
+_HEADLINE = [
+    ("protocols", "*", "completeness", "racc"),
+    ("protocols", "*", "completeness", "ceiling"),
+    ("protocols", "*", "completeness", "avg_act_rate"),
+    ("protocols", "*", "conditional", "delta_f_cond"),
+    ("protocols", "*", "conditional", "tvd_cond"),
+    ("interpret", "concept_sim", "weighted"),
+    ("n_selected",),
+]
+
+
+def _get(d: Any, path: tuple) -> Any:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _set(d: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+def _expand(path: tuple, example: dict) -> list[tuple]:
+    if "*" not in path:
+        return [path]
+    i = path.index("*")
+    keys = list((_get(example, path[:i]) or {}).keys())
+    return [p for k in keys for p in _expand(path[:i] + (k,) + path[i + 1:], example)]
+
+
+def _summary(values: list[Optional[float]]) -> Optional[dict]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "values": vals}
+
+
+def aggregate_seeds(per_seed: list[dict]) -> dict:
+    """One method's results across seeds: the first seed's details, headline numbers as mean/std."""
+    out = json.loads(json.dumps(per_seed[0]))
+    if len(per_seed) == 1:
+        return out
+    for pattern in _HEADLINE:
+        for path in _expand(pattern, out):
+            _set(out, path, _summary([_get(r, path) for r in per_seed])) if _get(out, path) is not None else None
+    ss = [_get(r, ("interpret", "sentence_sim", "sentence_sim")) for r in per_seed]
+    if all(ss):
+        out["interpret"]["sentence_sim"]["sentence_sim_std"] = [
+            statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*ss)]
+        out["interpret"]["sentence_sim"]["sentence_sim"] = [statistics.fmean(col) for col in zip(*ss)]
+    out["seeds"] = [r["seed"] for r in per_seed]
+    return out
+
+
+def assemble_results(p: "Pipeline") -> dict[str, Any]:
+    """The ``metrics.json`` dictionary of a finished run (see ``concept_ext.report.markdown``)."""
+    from concept_ext.metrics import mean_pairwise_cosine
+
+    methods: dict[str, Any] = {}
+    for method in [m for m in METHODS if m in p.cfg.methods]:
+        per_seed = [json.loads((p.out / f"evaluate/{method}-s{s}" / "results.json").read_text()) for s in p.cfg.seeds]
+        methods[method] = aggregate_seeds(per_seed)
+    ft = p.rec_finetune.extra
+    test = p.load_split("test")
+    test_acc = float((test.pred == test.label).float().mean()) if len(test.label) else None
+    return {
+        "run": {"backbone": p.cfg.backbone, "dataset": p.cfg.dataset, "class_names": p.class_names,
+                "preset": p.cfg.preset, "protocols": list(p.cfg.protocols), "config": p.cfg.to_dict(),
+                "timings": dict(p.timings), "device": p.device, "seeds": list(p.cfg.seeds),
+                "hook_layer": p.classifier.layer},
+        # Test accuracy over the whole cached test split (the fine-tuning log may use a capped subset).
+        "classifier": {"train_accuracy": ft.get("train_accuracy"), "test_accuracy": test_acc,
+                       "n_train": p.rec_cache.extra["rows"]["train"], "n_test": p.rec_cache.extra["rows"]["test"],
+                       "n_train_eval": ft.get("n_train_eval"),
+                       "finetune_steps": ft.get("steps")},
+        "baseline_cosine": mean_pairwise_cosine(p.embeddings()).to_dict(),
+        "methods": methods,
+    }
