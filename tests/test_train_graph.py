@@ -53,6 +53,8 @@ CASES = {
     "v1_noise_auxk": {"loss_version": "v1", "input_noise": 0.2, "dead_latents": "auxk"},
     "v1_ghost": {"loss_version": "v1", "input_noise": 0.2},
     "half_batches": {"alternate_half_batches": True, "stopgrad_plain_sae": True},
+    "centred_ghost": {"center": "mean"},
+    "centred_median_auxk": {"center": "geometric_median", "dead_latents": "auxk"},
 }
 
 

@@ -85,7 +85,8 @@ class RunConfig:
     protocols: list[str] = field(default_factory=lambda: ["tail", "context"])
     """Readout protocols: ``tail`` (paper, single-token) and ``context`` (our in-context extension)."""
     preset: str = "quick"
-    """Training presets: ``quick`` (minutes on a 2-core CPU), ``paper-v2`` (v2 recipe) or ``v1``."""
+    """Training presets: ``quick`` (minutes on a 2-core CPU), ``default`` (the v2 recipe with the package's
+    decisions: pre-encoder centring), ``paper-v2`` (v2 recipe, paper parity) or ``v1``."""
     reference_quirks: bool = False
     """Reproduce the reference code's oddities where cheap (method.md section 9)."""
     finetune: FineTuneConfig = field(
@@ -218,7 +219,7 @@ def apply_override(data: dict, assignment: str) -> dict:
 
 
 def preset_defaults(preset: str, recipe: str = "pythia-410m/ag_news") -> dict:
-    """Default field values for a training preset (``quick``, ``paper-v2`` or ``v1``); ``recipe`` is the
+    """Default field values for a training preset (``quick``, ``default``, ``paper-v2`` or ``v1``); ``recipe`` is the
     ``model/dataset`` row of method.md 2.6 the paper presets take their coefficients from."""
     if preset == "quick":
         return RunConfig().to_dict()
@@ -231,7 +232,7 @@ def preset_defaults(preset: str, recipe: str = "pythia-410m/ag_news") -> dict:
         finetune=FineTuneConfig.preset("paper"),
         train_classifsae=TrainConfig.preset(preset, model=model, dataset=dataset),
         train_sae=TrainConfig.preset(preset, model=model, dataset=dataset, method="sae"),
-        baselines=baselines_preset("v2" if preset == "paper-v2" else preset),
+        baselines=baselines_preset("v1" if preset == "v1" else "v2"),
     ).to_dict()
 
 

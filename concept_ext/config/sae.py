@@ -4,7 +4,10 @@ Values come from method.md sections 2.1-2.7 (v2, the default) and 8 (v1). Preset
 
 * ``"paper-v2"`` (aliases ``"v2"``, ``"paper"``): the v2 recipe per model and dataset, 10M samples;
 * ``"v1"``: the v1 loss (input noise, linear-decay weight) and v1 coefficients;
-* ``"quick"``: a few thousand small batches, minutes on a 2-core CPU (smoke runs, tests, demos).
+* ``"quick"``: a few thousand small batches, minutes on a 2-core CPU (smoke runs, tests, demos);
+* ``"default"``: the paper-v2 recipe plus the package's decisions (pre-encoder centring, method.md 2.1).
+
+``quick`` and ``default`` centre the SAE's inputs; the paper-parity presets do not.
 
 Per-(model, dataset) coefficients live in the tables :data:`V2_COEFFICIENTS` and :data:`V1_COEFFICIENTS`.
 """
@@ -48,8 +51,10 @@ V1_COEFFICIENTS: dict[tuple[str, str], tuple[float, float, float, int]] = {
     ("pythia-1b", "imdb"): (0.2, 0.1, 1.0, 500),
 }
 
-#: Preset names and their aliases.
-PRESETS = {"paper-v2": "paper-v2", "v2": "paper-v2", "paper": "paper-v2", "v1": "v1", "quick": "quick"}
+#: Preset names and their aliases. ``default`` is the paper-v2 recipe with the package's decisions (pre-encoder
+#: centring); ``paper-v2`` and ``v1`` are the parity presets.
+PRESETS = {"paper-v2": "paper-v2", "v2": "paper-v2", "paper": "paper-v2", "v1": "v1", "quick": "quick",
+           "default": "default"}
 
 #: Version of the serialised configuration (bumped on incompatible changes; drives upgrades on load).
 CONFIG_FORMAT_VERSION = 1
@@ -179,6 +184,12 @@ class TrainConfig:
     """Two-phase decoding: from epoch floor(E_total/2) on, decode from [sg(z_class), z_ctx] (v2)."""
     stopgrad_plain_sae: bool = False
     """Also apply the two-phase stop-gradient to the plain TopK SAE (the reference does, oddity 3)."""
+    center: str = "none"
+    """Pre-encoder centring (package decision, method.md 2.1): ``"none"`` (the reference: pre = x W_enc +
+    b_enc), ``"mean"`` (pre = (x - mu) W_enc + b_enc with mu the mean of the rescaled training inputs, and
+    b_dec initialised to mu) or ``"geometric_median"`` (mu the geometric median, Weiszfeld iterations).
+    Set once before the first step; stored in the checkpoint. On in ``quick`` and ``default``, off in the
+    paper-parity presets ``paper-v2`` and ``v1``."""
     input_noise: float = 0.0
     """v1 input noise: std as a fraction of the per-dimension batch std (0.2 in v1, 0 in v2)."""
     alternate_half_batches: bool = False
@@ -227,6 +238,10 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.mse_normalization must be 'dense_batch' or 'fvu', "
                 f"got {self.mse_normalization!r}"
+            )
+        if self.center not in ("none", "mean", "geometric_median"):
+            raise ValueError(
+                f"TrainConfig.center must be 'none', 'mean' or 'geometric_median', got {self.center!r}"
             )
         if self.dead_latents not in ("ghost", "auxk", "none"):
             raise ValueError(
@@ -282,9 +297,10 @@ class TrainConfig:
                 lambda_cls=1.0 if method == "classifsae" else 0.0,
                 dead_window=50,
                 log_every=25,
+                center="mean",
             )
         else:
-            table = V2_COEFFICIENTS if canon == "paper-v2" else V1_COEFFICIENTS
+            table = V1_COEFFICIENTS if canon == "v1" else V2_COEFFICIENTS
             if (model, dataset) not in table:
                 known = sorted({ds for (_, ds) in table})
                 raise ValueError(f"no {canon} coefficients for ({model!r}, {dataset!r}); datasets: {known}")
@@ -294,6 +310,8 @@ class TrainConfig:
             vals.update(lambda_mse=l_mse, lambda_ar=l_ar, lambda_cls=l_cls, batch_size=batch)
             if canon == "v1":
                 vals.update(loss_version="v1", input_noise=0.2, stopgrad_class=False)
+            if canon == "default":
+                vals.update(center="mean")
         vals["extra"] = {"model": model, "dataset": dataset, "method": method}
         vals.update(overrides)
         return cls(**vals)

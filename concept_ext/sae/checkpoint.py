@@ -3,10 +3,10 @@
 Layout of ``<dir>/`` (named by samples seen, e.g. ``ckpt_000010000000``):
 
 * ``cfg.json``: ``format_version``, ``architecture``, d, m, k, n_concepts, n_classes, the normalisation,
-  the full :class:`SAEConfig` and :class:`TrainConfig`, and the provenance metadata (model id, hook
+  ``center`` (whether the SAE centres its inputs before encoding; absent means false), the full :class:`SAEConfig` and :class:`TrainConfig`, and the provenance metadata (model id, hook
   layer, class names, ...);
 * ``sae.safetensors``: ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]``, ``b_dec [d]`` and, for a
-  ClassifSAE, ``W_c [C, n]``, ``b_c [C]``;
+  ClassifSAE, ``W_c [C, n]``, ``b_c [C]``; with centring, ``center [d]`` (the fixed pre-encoder centre);
 * ``firing.safetensors``: ``counts [m]`` (sentences on which each latent fired) and
   ``steps_since_fired [m]``;
 * optional ``trainer_state.pt``: optimiser state, step, epoch counter, data position, RNG states.
@@ -126,6 +126,7 @@ def save_checkpoint(
         "n_concepts": cfg.n_concepts,
         "n_classes": cfg.n_classes if cfg.architecture == "classif_topk" else None,
         "normalization": cfg.normalize,
+        "center": sae.center is not None,
         "class_names": meta.pop("class_names", None),
         "hook_layer": meta.pop("hook_layer", None),
         "model_id": meta.pop("model_id", None),
@@ -141,6 +142,8 @@ def save_checkpoint(
         with open(tmp / "cfg.json", "w") as f:
             json.dump(doc, f, indent=2)
         tensors = {n: p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+        if sae.center is not None:  # the pre-encoder centre mu [d] (a buffer, not a parameter)
+            tensors["center"] = sae.center.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "sae.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
         if firing is not None:
             save_file(
@@ -225,8 +228,20 @@ def load_checkpoint(
                 f"from cfg.json (d={cfg.d}, m={cfg.m}, n_concepts={cfg.n_concepts}, "
                 f"n_classes={cfg.n_classes})"
             )
+    centred = bool(doc.get("center", False))  # absent in checkpoints written before centring existed
+    if centred != ("center" in tensors):
+        raise ValueError(
+            f"checkpoint {str(path)!r}: cfg.json says center = {centred} but sae.safetensors "
+            f"{'lacks' if centred else 'holds'} a 'center' tensor"
+        )
+    if centred and tuple(tensors["center"].shape) != (cfg.d,):
+        raise ValueError(
+            f"checkpoint {str(path)!r}: center has shape {tuple(tensors['center'].shape)}, expected ({cfg.d},)"
+        )
     sae = build_sae(cfg)
     sae.load_state_dict({n: tensors[n] for n in shapes})
+    if centred:
+        sae.set_center(tensors["center"])
     sae.to(device)
     train_cfg = from_dict(TrainConfig, dict(doc["train"])) if doc.get("train") else None
     firing = None

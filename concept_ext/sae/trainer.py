@@ -99,6 +99,11 @@ class Trainer:
         # loss, which every step checks.
         ops._finite(self.h, "activations")
         self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
+        if cfg.center != "none" and sae.center is None:
+            # Pre-encoder centring (method.md 2.1, package decision): mu from the whole training set, set
+            # once before the first step (every rank holds the same activations, so the same mu); a resumed
+            # or pre-centred SAE keeps the centre it has.
+            sae.fit_center(self.h, cfg.center)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata = dict(metadata or {})
         if cfg.cuda_graph and distributed.enabled():
