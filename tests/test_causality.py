@@ -173,6 +173,17 @@ def assert_matches_naive(result, naive):
     assert result.n_evaluated == len(live)
     assert result.delta_f_cond == pytest.approx(sum(x[1] for x in live) / len(live), abs=1e-12)
     assert result.tvd_cond == pytest.approx(sum(x[2] for x in live) / len(live), abs=1e-9)
+    # (b) the selective mean leaves out concepts active on >= 99 % of the sentences; (c) weights by |S_j|.
+    n = result.n_sentences
+    sel = [x for x in live if x[0] < 0.99 * n]
+    if sel:
+        assert result.delta_f_cond_selective == pytest.approx(sum(x[1] for x in sel) / len(sel), abs=1e-12)
+        assert result.tvd_cond_selective == pytest.approx(sum(x[2] for x in sel) / len(sel), abs=1e-9)
+    else:
+        assert result.delta_f_cond_selective is None and result.tvd_cond_selective is None
+    pairs = sum(x[0] for x in live)
+    assert result.delta_f_cond_weighted == pytest.approx(sum(x[0] * x[1] for x in live) / pairs, abs=1e-12)
+    assert result.tvd_cond_weighted == pytest.approx(sum(x[0] * x[2] for x in live) / pairs, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -199,6 +210,8 @@ def test_hand_made_flips():
     assert c0.flip_rate == pytest.approx(1 / 3) and c1.flip_rate == pytest.approx(1 / 2)
     assert c0.delta_acc == pytest.approx(-1 / 3) and c1.delta_acc == pytest.approx(-1 / 2)
     assert res.delta_f_cond == pytest.approx(5 / 12)
+    assert res.delta_f_cond_weighted == pytest.approx(2 / 5)  # 2 flips over 5 (sentence, concept) pairs
+    assert res.delta_f_cond_selective == pytest.approx(5 / 12) and res.always_on == []
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731  2-class softmax = sigmoid of the margin
     tvd0 = (abs(sig(2) - sig(-1)) + abs(sig(-2) - sig(-3)) + abs(sig(2) - 0.5)) / 3
     assert c0.tvd == pytest.approx(tvd0)
@@ -392,3 +405,24 @@ def test_hf_tiny_neox_tail_and_context_match_per_pair_forwards(one_thread):
     per_row = torch.stack([tail(h[i:i + 1])[0] for i in range(n)])
     want = float((per_row.argmax(1) == o.argmax(1)).double().mean())
     assert comp_tail.ceiling == want
+
+
+def test_always_on_concepts_leave_the_selective_mean():
+    """A concept active on every sentence is named in ``always_on`` and left out of (b), kept in (a)/(c)."""
+    class TwoConcepts:
+        selected, segmentation = [0, 1], [0, 1]
+
+        def encode(self, h):  # concept 0 always on (h[:, 0] = 1 everywhere), concept 1 on half the rows
+            return h.clone()
+
+        def reconstruct(self, a):
+            return a.clone()
+
+    h = torch.tensor([[1.0, 2.0], [1.0, 0.0], [1.0, 3.0], [1.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([1, 0, 1, 0])
+    res = conditional_ablation(TwoConcepts(), h, y, TailReadout(lambda v: v), rescale=False)
+    c0, c1 = res.per_concept
+    assert (c0.n_active, c1.n_active) == (4, 2) and res.always_on == [0]
+    assert res.delta_f_cond_selective == pytest.approx(c1.flip_rate)
+    assert res.delta_f_cond == pytest.approx((c0.flip_rate + c1.flip_rate) / 2)
+    assert res.delta_f_cond_weighted == pytest.approx((4 * c0.flip_rate + 2 * c1.flip_rate) / 6)

@@ -50,7 +50,7 @@ def test_publish_and_readme_block(tmp_path):
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("reading stays\n")
     block = text.split(publish_results.BEGIN)[1].split(publish_results.END)[0]
     assert "#### minilm-sst2-variant" in block
-    for row in ("| RAcc |", "| Δf_cond |", "| ConceptSim (weighted) |", "| SentenceSim(4) |", "Wall-clock per stage"):
+    for row in ("| RAcc |", "| Δf_cond (a) paper |", "| ConceptSim (weighted) |", "| SentenceSim(4) |", "Wall-clock per stage"):
         assert row in block
     assert "| SAE | ClassifSAE |" in block  # every method of the run is a column
 

@@ -173,8 +173,8 @@ def test_expected_formatted_numbers(full_report):
         cond = [m["protocols"][p]["conditional"] for m in ms]
         assert _row(text, "RAcc", occ) == [f"{c['racc']:.3f} (ceiling 0.991)" for c in comp]
         assert _row(text, "Avg. Act. Rate (%)", occ) == [f"{c['avg_act_rate']:.1f}" for c in comp]
-        assert _row(text, "Δf_cond", occ) == [f"{c['delta_f_cond']:.3f}" for c in cond]
-        assert _row(text, "TVD_cond", occ) == [f"{c['tvd_cond']:.3f}" for c in cond]
+        assert _row(text, "Δf_cond (a) paper", occ) == [f"{c['delta_f_cond']:.3f}" for c in cond]
+        assert _row(text, "TVD_cond (a) paper", occ) == [f"{c['tvd_cond']:.3f}" for c in cond]
         weighted = [f"{m['interpret']['concept_sim']['weighted']:.3f}" for m in ms]
         assert _row(text, "ConceptSim (weighted)", occ) == weighted
         assert _row(text, "\\|F\\|", occ) == ["3"] * 5
@@ -189,8 +189,8 @@ def test_expected_formatted_numbers(full_report):
     # per-concept table of ClassifSAE: position 0 is concept 0 in segment "World"
     cs = results["methods"]["ClassifSAE"]
     rate0 = cs["protocols"]["tail"]["completeness"]["act_rates"][0]
-    flip0 = cs["protocols"]["tail"]["conditional"]["per_concept"][0]["flip_rate"]
-    assert f"| 0 | 0 | World | {rate0:.1f} | {flip0:.3f} |" in text
+    c0 = cs["protocols"]["tail"]["conditional"]["per_concept"][0]
+    assert f"| 0 | 0 | World | {rate0:.1f} | {c0['n_active']} / {c0['flip_rate']:.3f} / {c0['tvd']:.3f} |" in text
 
 
 def test_sentences_are_escaped_and_truncated(full_report):
@@ -222,8 +222,8 @@ def test_minimal_results_do_not_crash(tmp_path):
     text = write_report(tmp_path, minimal_results()).read_text(encoding="utf-8")
     assert "| metric | ICA | SAE | ClassifSAE |" in text
     assert _row(text, "RAcc") == ["0.500 (ceiling 0.900)", "—", "0.750"]
-    assert _row(text, "Δf_cond") == ["—", "—", "—"]
-    assert _row(text, "TVD_cond") == ["—", "—", "0.050"]
+    assert _row(text, "Δf_cond (a) paper") == ["—", "—", "—"]
+    assert _row(text, "TVD_cond (a) paper") == ["—", "—", "0.050"]
     assert _row(text, "\\|F\\|") == ["1", "0", "2"]
     assert "in-context" not in text
     assert "train accuracy — on — of the — training sentences" in text
@@ -245,7 +245,7 @@ def test_mean_std_cells(tmp_path):
     text = write_report(tmp_path, results).read_text(encoding="utf-8")
     assert _row(text, "RAcc")[2] == "0.900 ± 0.012 (ceiling 0.990)"
     assert _row(text, "ConceptSim (weighted)")[2] == "0.200 ± 0.100"
-    assert _row(text, "TVD_cond")[2] == "0.040 ± 0.005"
+    assert _row(text, "TVD_cond (a) paper")[2] == "0.040 ± 0.005"
 
 
 @pytest.mark.parametrize("value,kwargs,expected", [
@@ -268,7 +268,7 @@ def test_per_seed_method_entries(tmp_path):
     results["methods"]["ICA"]["seeds"] = {"0": runs[0], "1": runs[1], "2": runs[2]}
     text = write_report(tmp_path, results).read_text(encoding="utf-8")
     assert _row(text, "RAcc")[0] == "0.800 ± 0.100 (ceiling 0.900)"
-    assert _row(text, "TVD_cond")[0] == f"0.030 ± {math.sqrt(2) * 0.01:.3f}"
+    assert _row(text, "TVD_cond (a) paper")[0] == f"0.030 ± {math.sqrt(2) * 0.01:.3f}"
 
 
 def test_lookup_paths_and_seed_override():

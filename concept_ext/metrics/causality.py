@@ -2,7 +2,9 @@
 
 - :func:`conditional_ablation`: for each selected concept j, zero it on the sentences where it is active
   (S_j = {i : |z_ij| > 1e-8}) and compare the bottleneck prediction q_i^(-j) with the un-ablated
-  bottleneck q_i: flip rate, TVD, accuracy change; means over j with |S_j| > 0 (the v2 headline).
+  bottleneck q_i: flip rate, TVD, accuracy change; means over j with |S_j| > 0 (the v2 headline, (a)),
+  over the concepts active on fewer than 99 % of the sentences ((b), the package's selective mean), and
+  weighted by |S_j| ((c)).
 - :func:`segment_ablation`: ablate jointly the first 25/50/75/100 % of each class segment on all
   sentences (the v1 headline), averaged over all C classes.
 
@@ -33,6 +35,10 @@ log = logging.getLogger("concept_ext")
 
 #: method.md section 6.3: concept j is active on sentence i when |z_ij| > 1e-8.
 ACTIVE_THRESHOLD = 1e-8
+#: A concept active on at least this share of the test sentences is "always on": it carries the
+#: sentence-independent part of the representation, and ablating it moves every prediction alike, so the
+#: selective means (b) leave it out (issue 21: such latents inflated the plain SAE's flip rate).
+ALWAYS_ON_SHARE = 0.99
 #: method.md section 6.4: fractions (percent) of each class segment ablated jointly.
 SEGMENT_FRACTIONS = (25, 50, 75, 100)
 
@@ -91,6 +97,16 @@ class ConditionalAblationResult:
     """``"sparse"`` (ablate_decode on the cached TopK code) or ``"generic"`` (re-decoding)."""
     rescaled: bool
     """Whether reconstructions were rescaled to ||h|| (v2)."""
+    always_on: list[int] = dataclasses.field(default_factory=list)
+    """Concept ids active on >= ALWAYS_ON_SHARE of the test sentences."""
+    delta_f_cond_selective: Optional[float] = None
+    """(b) Mean flip rate over concepts with 0 < |S_j| < ALWAYS_ON_SHARE * N (None when there is none)."""
+    tvd_cond_selective: Optional[float] = None
+    """(b) Mean TVD over the same concepts."""
+    delta_f_cond_weighted: Optional[float] = None
+    """(c) Flip rate weighted by |S_j|: all flips over all (sentence, concept) pairs (None without pairs)."""
+    tvd_cond_weighted: Optional[float] = None
+    """(c) TVD weighted by |S_j|."""
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of every field."""
@@ -206,12 +222,20 @@ def conditional_ablation(
             delta_acc=float((stats[3, f] - stats[4, f]) / cnt) if cnt else None,
         ))
     live = [c for c in concepts if c.n_active > 0]
+    always = [c for c in live if c.n_active >= ALWAYS_ON_SHARE * n]
+    selective = [c for c in live if c.n_active < ALWAYS_ON_SHARE * n]
+    pairs = float(stats[0].sum())
     return ConditionalAblationResult(
         protocol=protocol_name(readout), n_sentences=n, n_selected=n_f, n_pairs=n_pairs,
         n_evaluated=len(live), active_threshold=float(active_threshold),
         delta_f_cond=_mean([c.flip_rate for c in live]), tvd_cond=_mean([c.tvd for c in live]),
         delta_acc_cond=_mean([c.delta_acc for c in live]), bottleneck_accuracy=base_correct / n,
         per_concept=concepts, path="sparse" if sparse else "generic", rescaled=rescale,
+        always_on=[c.concept for c in always],
+        delta_f_cond_selective=_mean([c.flip_rate for c in selective]),
+        tvd_cond_selective=_mean([c.tvd for c in selective]),
+        delta_f_cond_weighted=float(stats[1].sum() / pairs) if pairs else None,
+        tvd_cond_weighted=float(stats[2].sum() / pairs) if pairs else None,
     )
 
 

@@ -81,6 +81,9 @@ def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, An
         shutil.rmtree(out / "sae_work", ignore_errors=True)
         last = res.history[-1] if res.history else {}
         info["train_log_last"] = {k: float(v) for k, v in last.items()}
+        if method == "ClassifSAE":  # class latents alive (fired within the dead window) at each log step
+            info["live_class_history"] = [[int(r["step"]), int(r["live_class"])]
+                                          for r in res.history if "live_class" in r]
         if method == "ClassifSAE":
             model = SAEConcepts(res.sae, selection="truncation", n_select=p.cfg.sae.n_concepts)
         else:

@@ -22,6 +22,10 @@ _HEADLINE = [
     ("protocols", "*", "completeness", "avg_act_rate"),
     ("protocols", "*", "conditional", "delta_f_cond"),
     ("protocols", "*", "conditional", "tvd_cond"),
+    ("protocols", "*", "conditional", "delta_f_cond_selective"),
+    ("protocols", "*", "conditional", "tvd_cond_selective"),
+    ("protocols", "*", "conditional", "delta_f_cond_weighted"),
+    ("protocols", "*", "conditional", "tvd_cond_weighted"),
     ("interpret", "concept_sim", "weighted"),
     ("n_selected",),
 ]

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 from concept_ext.report import plots
 from concept_ext.report.format import DASH, cell, fmt, is_num, lookup, number, slug, summarize, table
+from concept_ext.report.health import collapse_warnings, headline_protocol
 
 __all__ = ["METHOD_ORDER", "fmt", "lookup", "summarize", "method_names", "render", "write_report", "main"]
 
@@ -37,7 +38,9 @@ METHOD_ORDER = ("ICA", "ConceptSHAP", "HI-Concept", "SAE", "ClassifSAE")
 LEGEND = ("RAcc: agreement of the bottleneck's prediction with the full model's (ceiling: the same readout "
           "of the un-reconstructed h); Avg. Act. Rate: mean share of test sentences where a concept is "
           "active; Δf_cond / TVD_cond: label-flip rate / total variation after ablating one active concept, "
-          "averaged over concepts; ConceptSim: mean cosine of the sentences activating a concept, weighted "
+          "(a) averaged over concepts as the paper does, (b) over concepts active on < 99 % of the sentences "
+          "(always-on concepts move every prediction alike), (c) weighted by the number of sentences each "
+          "concept is active on; ConceptSim: mean cosine of the sentences activating a concept, weighted "
           "by pairs (method.md 6.1-6.5).")
 PROTOCOL_TITLES = {"tail": "single-token tail (paper protocol)", "context": "in-context (our extension)"}
 
@@ -80,8 +83,16 @@ def headline_table(results: dict, protocol: str) -> list[str]:
         ["RAcc"] + [_racc_cell(m, p) for m in ms],
         ["Avg. Act. Rate (%)"] + [fmt(lookup(m, f"protocols.{p}.completeness.avg_act_rate"), digits=1)
                                   for m in ms],
-        ["Δf_cond"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond")) for m in ms],
-        ["TVD_cond"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond")) for m in ms],
+        ["Δf_cond (a) paper"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond")) for m in ms],
+        ["Δf_cond (b) < 99 % active"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond_selective"))
+                                         for m in ms],
+        ["Δf_cond (c) weighted"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond_weighted"))
+                                    for m in ms],
+        ["TVD_cond (a) paper"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond")) for m in ms],
+        ["TVD_cond (b) < 99 % active"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond_selective"))
+                                          for m in ms],
+        ["TVD_cond (c) weighted"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond_weighted"))
+                                     for m in ms],
         ["ConceptSim (weighted)"] + [fmt(lookup(m, "interpret.concept_sim.weighted")) for m in ms],
         ["\\|F\\|"] + [fmt(lookup(m, "n_selected", lookup(m, f"protocols.{p}.completeness.n_selected")))
                       for m in ms],
@@ -266,7 +277,8 @@ def method_section(results: dict, name: str, fig_dir: Path, stem: str) -> list[s
     terms = lookup(m, "interpret.tfidf.terms") or []
     weights = lookup(m, "interpret.tfidf.weights") or lookup(m, "interpret.tfidf.scores") or []
     header = ["pos", "concept", "class segment", "act. rate (%)"]
-    header += [f"flip rate ({p})" for p in protos] + ["\\|A_j\\|", "ConceptSim", "top terms", "cloud"]
+    header += [f"\\|S_j\\| / flip rate / TVD ({p})" for p in protos]
+    header += ["\\|A_j\\|", "ConceptSim", "top terms", "cloud"]
     rows, details = [], []
     for j in range(n):
         cid = labels[j]
@@ -277,7 +289,8 @@ def method_section(results: dict, name: str, fig_dir: Path, stem: str) -> list[s
                                      title=f"{name} concept {cid} ({seg_name})")
         link = f"figures/{cloud.name}"
         rows.append([str(j), cid, cell(seg_name), fmt(rates[j] if j < len(rates) else None, digits=1),
-                     *[fmt(conds[p].get(j, {}).get("flip_rate")) for p in protos],
+                     *[" / ".join(fmt(conds[p].get(j, {}).get(k)) for k in ("n_active", "flip_rate", "tvd"))
+                       for p in protos],
                      fmt(lookup(m, f"interpret.concept_sim.n_active.{j}")),
                      fmt(lookup(m, f"interpret.concept_sim.per_concept.{j}")),
                      cell(", ".join(c_terms[:6]) or DASH), f"[png]({link})"])
@@ -340,10 +353,18 @@ def render(results: dict, fig_dir: Path) -> str:
     lines = run_header(results)
     figs = global_figures(results, fig_dir)
     if method_names(results):
-        for p in protocols_of(results):
+        protocols = protocols_of(results)
+        lead = headline_protocol(results, protocols)
+        ordered = [lead.protocol] + [p for p in protocols if p != lead.protocol]
+        warnings = collapse_warnings(results, protocols)
+        if warnings:
+            lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
+        for p in ordered:
             lines += ["", f"## Headline table — {PROTOCOL_TITLES.get(p, p)}", ""]
+            if p == ordered[0] and lead.reason:
+                lines += [lead.reason, ""]
             lines += headline_table(results, p)
-            if p == protocols_of(results)[0]:
+            if p == ordered[0]:
                 lines += ["", LEGEND]
             lines += ["", f"<details><summary>More numbers ({p})</summary>", ""]
             lines += details_table(results, p)

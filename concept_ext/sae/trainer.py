@@ -249,7 +249,10 @@ class Trainer:
             resid = (h - out.h_hat).pow(2).sum()
             m["explained_variance"] = float(1 - resid / (h - h.mean(0)).pow(2).sum().clamp_min(1e-12))
             m["l0"] = float((out.values > 0).sum(1).float().mean())
-        m["dead_fraction"] = float(self.firing.dead_mask(self.cfg.dead_window).float().mean())
+        dead = self.firing.dead_mask(self.cfg.dead_window)  # [m] bool
+        m["dead_fraction"] = float(dead.float().mean())
+        if self.sae.cfg.architecture == "classif_topk":  # z_class survival over time (issue 21: no silent collapse)
+            m["live_class"] = float((~dead[: self.sae.n_concepts]).sum())
         m["lr"] = lr_at(self.step - 1, self.cfg)
         m.update(step=float(self.step), epoch=float(self.epoch), stopgrad=float(self.stopgrad_active))
         if out.logits is not None and labels is not None:
