@@ -30,7 +30,7 @@ class BottleneckNet(nn.Module):
     """Concept vectors plus the two-layer reconstruction network g."""
 
     def __init__(self, d: int, n_concepts: int, hidden: int, *, init_range: float = 0.5,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, centred: bool = False) -> None:
         super().__init__()
 
         def u(*shape: int) -> nn.Parameter:
@@ -39,14 +39,22 @@ class BottleneckNet(nn.Module):
         self.C_vec = u(d, n_concepts)  # [d, n]
         self.W1 = u(n_concepts, hidden)  # [n, hidden]
         self.W2 = u(hidden, d)  # [hidden, d]
+        # The train mean mu [d] of a centred bottleneck (ConceptSHAP's `center`): scores read h - mu, and
+        # g(p) adds mu back. Absent (and absent from the state dict) otherwise.
+        self.register_buffer("mu", torch.zeros(d) if centred else None)
 
     def unit_concepts(self) -> Tensor:  # [d, n]
         """c~: the concept columns normalised to unit L2 norm."""
         return F.normalize(self.C_vec, dim=0)
 
     def g(self, p: Tensor) -> Tensor:  # [B, n] -> [B, d]
-        """Reconstruction network ReLU(p W1) W2."""
-        return F.relu(p @ self.W1) @ self.W2
+        """Reconstruction network ReLU(p W1) W2 (+ mu when centred)."""
+        out = F.relu(p @ self.W1) @ self.W2
+        return out if self.mu is None else out + self.mu
+
+    def centred(self, h: Tensor) -> Tensor:  # [B, d] -> [B, d]
+        """h - mu for a centred bottleneck, else h."""
+        return h if self.mu is None else h - self.mu
 
 
 class Scores(dict):
@@ -121,7 +129,8 @@ class BottleneckConcepts(ConceptModel):
         gen = torch.Generator().manual_seed(cfg.seed)
         self.d = int(h.shape[1])
         self.net = BottleneckNet(self.d, cfg.n_concepts, cfg.hidden, init_range=cfg.init_range,
-                                 generator=gen).to(device)
+                                 generator=gen, centred=cfg.center).to(device)
+        self._init_from_data(h, gen)
         with torch.no_grad():
             probe_logits = tail(h[:2].to(device, torch.float32))
         if probe_logits.dim() != 2 or probe_logits.shape[0] != 2:
@@ -154,6 +163,23 @@ class BottleneckConcepts(ConceptModel):
         self.info = {"n_train": int(x_all.shape[0]), "batches_per_epoch": nb, "history": history}
         logger.info("%s trained: %d epochs x %d batches", self.method, cfg.epochs, nb)
         return self
+
+    @torch.no_grad()
+    def _init_from_data(self, h: Tensor, gen: torch.Generator) -> None:  # h [N, d]
+        """The package's options on the start (method.md 4.2 decision): mu for a centred bottleneck, and
+        concept columns drawn from the (centred) training rows for ``init="data"``."""
+        cfg, net = self.config, self.net
+        if net.mu is not None:
+            net.mu.copy_(h.double().mean(0).to(net.mu))
+        if cfg.init != "data":
+            return
+        if h.shape[0] < cfg.n_concepts:
+            raise ValueError(f"init='data' needs at least n_concepts = {cfg.n_concepts} rows, got {h.shape[0]}")
+        rows = torch.randperm(h.shape[0], generator=gen)[: cfg.n_concepts]
+        start = net.centred(h[rows].to(net.C_vec)).T  # [d, n]
+        # The uniform draw's expected column norm, so that Adam's steps are as large relative to it.
+        norm = cfg.init_range * (self.d / 3.0) ** 0.5
+        net.C_vec.copy_(F.normalize(start, dim=0) * norm)
 
     @torch.no_grad()
     def encode(self, h: Tensor) -> Tensor:  # [N, d] -> [N, n] p
@@ -195,7 +221,7 @@ class BottleneckConcepts(ConceptModel):
         if "C_vec" not in tensors:
             raise ValueError(f"{cls.method} checkpoint lacks tensor 'C_vec'")
         d, n = tensors["C_vec"].shape
-        model.net = BottleneckNet(d, n, tensors["W1"].shape[1])
+        model.net = BottleneckNet(d, n, tensors["W1"].shape[1], centred="mu" in tensors)
         model.net.load_state_dict(tensors)
         if model.device is not None:
             model.net.to(model.device)

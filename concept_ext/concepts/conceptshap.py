@@ -59,6 +59,7 @@ class ConceptSHAPConcepts(BottleneckConcepts):
     def scores(self, h: Tensor) -> Scores:  # h [B, d]
         cfg, net = self.config, self.net
         c_unit = net.unit_concepts()  # [d, n]
+        h = net.centred(h)  # h - mu with the package's `center` (method.md 4.2 decision), else h
         s = h @ (net.C_vec if cfg.unnormalized_scores else c_unit)  # [B, n] projections
         sn = F.normalize(h, dim=1) @ c_unit  # [B, n] cosines
         mask = sn > cfg.thres

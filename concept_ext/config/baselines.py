@@ -101,8 +101,19 @@ class BottleneckConfig:
     """Reference loop: floor((N-1)/B) batches per epoch instead of floor(N/B) (oddity 23)."""
     progress: bool = True
     """Show a tqdm bar over epochs."""
+    center: bool = False
+    """ConceptSHAP only (package decision): score the centred activations h - mu against the concepts (mu:
+    the train mean, stored with the model) and reconstruct g(p) + mu. On anisotropic caches (||mean h||
+    close to ||h||) every cosine with a random concept is near 0 and the 0.3 threshold never fires; in the
+    centred space it does. Off in the paper presets."""
+    init: str = "uniform"
+    """Concept vectors' start: ``"uniform"`` (U(-init_range, init_range), the reference) or ``"data"``
+    (each column a distinct random training row, centred when ``center`` is on, scaled to the uniform
+    draw's expected column norm)."""
 
     def __post_init__(self) -> None:
+        if self.init not in ("uniform", "data"):
+            raise ValueError(f"init must be 'uniform' or 'data', got {self.init!r}")
         if self.regularizer not in ("v1", "v2"):
             raise ValueError(f"regularizer must be 'v1' or 'v2', got {self.regularizer!r}")
         if self.n_concepts < 1 or self.hidden < 1 or self.batch_size < 1 or self.epochs < 0:
@@ -131,6 +142,8 @@ class HIConceptConfig(BottleneckConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.center:
+            raise ValueError("center is a ConceptSHAP option; HI-Concept scores the raw activations")
         if not 0.0 <= self.keep_prob <= 1.0:
             raise ValueError(f"keep_prob must be in [0, 1], got {self.keep_prob}")
 

@@ -143,6 +143,14 @@ def quick_baselines() -> BaselinesConfig:
         b.epochs, b.lr = 30, 1e-3
     cfg.hiconcept.flip_start_epoch = 15
     cfg.probe.max_rows = 2000  # seeded, stratified cap on the probe's rows (method.md 4.4 allows it)
+    return package_baselines(cfg)
+
+
+def package_baselines(cfg: BaselinesConfig) -> BaselinesConfig:
+    """The package's decisions on the baselines (presets ``quick`` and ``default``): ConceptSHAP scores
+    centred activations and starts its concepts from centred training rows (method.md 4.2 decision), so
+    that its 0.3 cosine threshold can fire on anisotropic caches."""
+    cfg.conceptshap.center, cfg.conceptshap.init = True, "data"
     return cfg
 
 
@@ -232,7 +240,8 @@ def preset_defaults(preset: str, recipe: str = "pythia-410m/ag_news") -> dict:
         finetune=FineTuneConfig.preset("paper"),
         train_classifsae=TrainConfig.preset(preset, model=model, dataset=dataset),
         train_sae=TrainConfig.preset(preset, model=model, dataset=dataset, method="sae"),
-        baselines=baselines_preset("v1" if preset == "v1" else "v2"),
+        baselines=(package_baselines(baselines_preset("v2")) if preset == "default"
+                   else baselines_preset("v1" if preset == "v1" else "v2")),
     ).to_dict()
 
 
