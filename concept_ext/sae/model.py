@@ -65,7 +65,14 @@ class TopKSAE(nn.Module):
     """Plain TopK SAE with the per-sample sqrt(d) input rescale (method.md 2.1).
 
     Parameters: ``W_enc [d, m]``, ``b_enc [m]``, ``W_dec [m, d]`` (unit-norm rows), ``b_dec [d]``.
+
+    Optional pre-encoder centring (package decision, method.md 2.1): with a centre ``mu [d]`` set
+    (:meth:`set_center`, done by the trainer from the training data when ``TrainConfig.center`` asks for
+    it), the encoder reads ``pre = (x - mu) W_enc + b_enc``; decoding is unchanged (``x_hat = z W_dec +
+    b_dec``, with b_dec initialised to mu). ``center`` is a buffer: saved in checkpoints, not trained.
     """
+
+    center: Optional[Tensor]
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -85,10 +92,60 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(b_enc.to(dt))
         self.W_dec = nn.Parameter(w_dec.to(dt))
         self.b_dec = nn.Parameter(b_dec.to(dt))
+        self.register_buffer("center", None)  # [d] or None: pre-encoder centring off (the reference)
         self._init_head(gen)
 
     def _init_head(self, gen: torch.Generator) -> None:
         """No head on the plain SAE."""
+
+    def set_center(self, mu: Optional[Tensor]) -> None:
+        """Turn pre-encoder centring on with the centre ``mu [d]`` (in the rescaled input space x = s*h),
+        or off with None. The trainer calls it once before the first step; checkpoints restore it."""
+        if mu is None:
+            self.center = None
+            return
+        if not isinstance(mu, Tensor) or mu.shape != (self.d,):
+            got = tuple(mu.shape) if isinstance(mu, Tensor) else type(mu).__name__
+            raise ValueError(f"center must be a tensor of shape [d = {self.d}], got {got}")
+        if not bool(torch.isfinite(mu).all()):
+            raise ValueError("center must be finite")
+        self.center = mu.detach().to(self.W_dec.device, self.W_dec.dtype).clone()
+
+    @torch.no_grad()
+    def fit_center(self, h: Tensor, method: str = "mean", *, chunk: int = 65536) -> Tensor:
+        """Set the centre from training activations ``h [N, d]`` (rescaled first, as :meth:`encode` does)
+        and initialise b_dec to it; returns mu ``[d]``. ``method``: ``"mean"`` or ``"geometric_median"``
+        (Weiszfeld iterations from the mean, 64 at most). Accumulates in float64, chunk by chunk."""
+        flat, _ = self._flatten(h)
+        if flat.shape[0] == 0:
+            raise ValueError("fit_center needs at least one activation row")
+        if method not in ("mean", "geometric_median"):
+            raise ValueError(f"method must be 'mean' or 'geometric_median', got {method!r}")
+
+        def rows():  # rescaled inputs x = s*h in float64, [<=chunk, d] at a time
+            for i in range(0, flat.shape[0], chunk):
+                part = flat[i:i + chunk].double()
+                yield part if self.cfg.normalize == "none" else part * self.input_scale(part)[:, None]
+
+        mu = sum(x.sum(0) for x in rows()) / flat.shape[0]  # [d]
+        if method == "geometric_median":
+            for _ in range(64):  # Weiszfeld: mu <- sum(x_i/|x_i-mu|) / sum(1/|x_i-mu|)
+                num, den = torch.zeros_like(mu), mu.new_zeros(())
+                for x in rows():
+                    w = 1.0 / (x - mu).norm(dim=1).clamp_min(1e-12)  # [chunk]
+                    num += (w[:, None] * x).sum(0)
+                    den += w.sum()
+                new = num / den
+                done = float((new - mu).norm()) <= 1e-7 * max(float(mu.norm()), 1e-12)
+                mu = new
+                if done:
+                    break
+        self.set_center(mu)
+        self.b_dec.copy_(mu.to(self.b_dec.dtype))
+        return self.center
+
+    def _centered(self, x: Tensor) -> Tensor:  # x: [N, d] rescaled inputs -> x - mu
+        return x if self.center is None else x - self.center
 
     # ---------------------------------------------------------------------------------------------
 
@@ -128,14 +185,15 @@ class TopKSAE(nn.Module):
         s = self.input_scale(flat)
         # normalize='none': s is all ones, so skip the [N, d] multiply (one read and write of the batch).
         x = flat if self.cfg.normalize == "none" else flat * s[:, None]
-        values, indices = topk_encode(x, self.W_enc, self.b_enc, self.cfg.k)
+        values, indices = topk_encode(self._centered(x), self.W_enc, self.b_enc, self.cfg.k)
         k = self.cfg.k
         return SparseCode(values.reshape(*lead, k), indices.reshape(*lead, k), s.reshape(lead))
 
     def preactivations(self, x: Tensor, latents: Optional[Tensor] = None) -> Tensor:
-        """``pre[:, latents] = x @ W_enc[:, latents] + b_enc[latents]`` for rescaled inputs ``x [N, d]``:
-        ``[N, |latents|]``, or ``[N, m]`` for all latents when ``latents`` is None (the dead columns needed
-        by ghost grads / AuxK; differentiable)."""
+        """``pre[:, latents] = (x - mu) @ W_enc[:, latents] + b_enc[latents]`` for rescaled inputs ``x [N, d]``
+        (mu: the centre, when set): ``[N, |latents|]``, or ``[N, m]`` for all latents when ``latents`` is
+        None (the dead columns needed by ghost grads / AuxK; differentiable)."""
+        x = self._centered(x)
         if latents is None:
             return torch.addmm(self.b_enc, x, self.W_enc)
         return torch.addmm(self.b_enc[latents], x, self.W_enc[:, latents])
