@@ -199,9 +199,10 @@ def _sparsify_forward(self: Any, x: Tensor, y: Optional[Tensor] = None, *, dead_
         auxk_loss = sae_out.new_tensor(0.0)
     fvu = e.pow(2).sum() / total_variance
     if self.cfg.multi_topk:
-        acts4, idx4 = pre_acts.topk(4 * self.cfg.k, sorted=False)
-        out4 = sparse_decode(acts4.to(self.dtype), idx4, self.W_dec, self.b_dec)
-        multi_topk_fvu = (out4 - y).pow(2).sum() / total_variance
+        # As sparsify does, the returned code and output become the top-4k ones (from detached pre_acts).
+        top_acts, top_indices = pre_acts.topk(4 * self.cfg.k, sorted=False)
+        sae_out = sparse_decode(top_acts.to(self.dtype), top_indices, self.W_dec, self.b_dec)
+        multi_topk_fvu = (sae_out - y).pow(2).sum() / total_variance
     else:
         multi_topk_fvu = sae_out.new_tensor(0.0)
     fwd = _lib_module(self, "SparseCoder").ForwardOutput
