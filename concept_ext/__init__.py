@@ -63,6 +63,7 @@ _LAZY = {
     "SAEConcepts": "concepts", "ICAConcepts": "concepts", "ConceptSHAPConcepts": "concepts",
     "HIConceptConcepts": "concepts", "make_concept_model": "concepts",
     "RunConfig": "config.run", "Pipeline": "pipeline.stages", "run": "pipeline.stages",
+    "load_sae": "interop", "export_sae": "interop", "accelerate": "interop",
     # modules exposed under a name of their own (value: the module path)
     "metrics": "=metrics", "baselines": "=concepts", "hooks": "=classifier.hooks",
 }
