@@ -106,15 +106,14 @@ def _pipeline(args) -> int:
             return 0
     if runstate_embed:
         pipe.embed()
-    recs = []
     for method in [m for m in config_run.METHODS if m in cfg.methods]:
         for seed in cfg.seeds:
-            fit_rec = pipe.fit(method, seed)
+            pipe.fit(method, seed)
             if runstate_embed:
-                recs.append(pipe.evaluate(method, seed, fit_rec))
+                pipe.evaluate(method, seed)
     if upto in ("train", "evaluate"):
         return 0
-    path = pipe.report(recs)
+    path = pipe.report()
     print(f"report: {path}")
     print(f"metrics: {pipe.out / 'metrics.json'}")
     return 0
