@@ -41,10 +41,13 @@ from concept_ext.pipeline.context import RunContext, load_classifier, resolve_de
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["Pipeline", "run", "STAGES"]
+__all__ = ["Pipeline", "run", "STAGES", "UPTO"]
 
 #: Stage names accepted by ``force``.
 STAGES = ("finetune", "cache", "embed", "fit", "evaluate", "report")
+
+#: Where :meth:`Pipeline.run` may stop, in stage order (the CLI's pipeline commands; its ``train`` is ``fit``).
+UPTO = ("finetune", "cache", "fit", "evaluate", "report")
 
 
 class Pipeline:
@@ -319,15 +322,49 @@ class Pipeline:
     # Everything
     # ------------------------------------------------------------------------------------------------
 
-    def run(self) -> Path:
-        """Run or resume every stage; returns the path of ``report.md``."""
-        runstate.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+    def run(self, upto: str = "report") -> Optional[Path]:
+        """Run or resume every stage in order, up to and including ``upto`` (one of :data:`UPTO`).
+
+        The one stage sequence: the CLI's pipeline commands, :func:`run` and torchrun jobs all come here.
+        ``config.json`` is written first, so a run folder is usable (``explain``) as soon as its fits are.
+        Under torchrun the SAE fits run data-parallel on every rank (``fit_parallel="data"``) or every
+        (method, seed) task is dealt out to the ranks (``"tasks"``, :meth:`fit_tasks`); then the other ranks
+        leave and rank 0 runs the rest single-process (finished stages are skipped by their records).
+
+        Returns the path of ``report.md`` when this call wrote the report (rank 0), else None."""
+        if upto not in UPTO:
+            raise ValueError(f"upto: unknown stage {upto!r}; choose from {list(UPTO)}")
+        cut = UPTO.index(upto)
+        if distributed.is_main():
+            runstate.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
         self.finetune()
+        if cut < UPTO.index("cache"):
+            return None
         self.cache()
-        self.embed()
+        if cut < UPTO.index("fit"):
+            return None
+        evaluate = cut >= UPTO.index("evaluate")
+        if distributed.enabled():
+            if self.cfg.fit_parallel == "tasks":
+                self.fit_tasks(evaluate=evaluate)
+            else:  # data-parallel SAE training on every rank; the baselines run on rank 0 below
+                from concept_ext.pipeline.methods import SAE_METHODS
+
+                for method, seed in self.tasks():
+                    if method in SAE_METHODS:
+                        self.fit(method, seed)
+            main = distributed.is_main()
+            distributed.shutdown()
+            if not main:
+                return None
+        if evaluate:
+            self.embed()
         for method, seed in self.tasks():
             self.fit(method, seed)
-            self.evaluate(method, seed)
+            if evaluate:
+                self.evaluate(method, seed)
+        if cut < UPTO.index("report"):
+            return None
         return self.report()
 
     def report(self) -> Path:
@@ -361,6 +398,7 @@ def _versions() -> dict[str, str]:
 
 
 def run(config: Optional[RunConfig] = None, out: str | Path = "runs/default", *, force: Sequence[str] = (),
-        progress: bool = True) -> Path:
-    """Run the whole pipeline (see the module docstring); returns the path of ``report.md``."""
-    return Pipeline(config if config is not None else RunConfig(), out, force=force, progress=progress).run()
+        progress: bool = True, upto: str = "report") -> Optional[Path]:
+    """Run the pipeline up to ``upto`` (see :meth:`Pipeline.run`); returns the path of ``report.md`` (None
+    when stopped before the report)."""
+    return Pipeline(config if config is not None else RunConfig(), out, force=force, progress=progress).run(upto)
