@@ -98,7 +98,7 @@ class Trainer:
         # Validated once here, so that the steps can run the ops without their per-call data checks
         # (each one a host synchronisation on CUDA); a non-finite weight still shows up as a non-finite
         # loss, which every step checks.
-        ops._finite(self.h, "activations")
+        ops.check_finite(self.h, "activations")
         self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata = dict(metadata or {})
