@@ -119,7 +119,7 @@ def test_explain_contributions_are_exact_for_classifsae(finished_run):
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_run_config(None, ["train_rows=500", "train_classifsae.batch_size=128", "methods=[\"ICA\"]"])
     assert cfg.train_rows == 500 and cfg.train_classifsae.batch_size == 128 and cfg.methods == ["ICA"]
-    with pytest.raises(ValueError, match="unknown key 'nope'"):
+    with pytest.raises(ValueError, match="unknown config key 'train_classifsae.nope'"):
         load_run_config(None, ["train_classifsae.nope=1"])
     with pytest.raises(ValueError, match="unknown method"):
         load_run_config(None, ['methods=["PCA"]'])

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from concept_ext.config.sae import SAEConfig, TrainConfig, from_dict
+from concept_ext.config.build import build_config
+from concept_ext.config.sae import SAEConfig, TrainConfig
 from concept_ext.sae.model import TopKSAE, build_sae
 
 __all__ = [
@@ -185,6 +186,14 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _config(path: Path, cls: type, data: dict, where: str) -> Any:
+    """A config section of ``path/cfg.json`` (the one builder's rule: an unknown key names the file)."""
+    try:
+        return build_config(cls, dict(data), where=where)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {str(path)!r}: cfg.json: {exc}") from None
+
+
 def load_checkpoint(
     path: PathLike,
     *,
@@ -200,7 +209,7 @@ def load_checkpoint(
     """
     path = Path(path)
     doc = _read_cfg(path)
-    cfg = from_dict(SAEConfig, dict(doc["sae"]))
+    cfg = _config(path, SAEConfig, doc["sae"], "sae.")
     for key in ("d", "m", "k", "n_concepts", "architecture"):
         if doc.get(key) != getattr(cfg, key):
             raise ValueError(
@@ -228,7 +237,7 @@ def load_checkpoint(
     sae = build_sae(cfg)
     sae.load_state_dict({n: tensors[n] for n in shapes})
     sae.to(device)
-    train_cfg = from_dict(TrainConfig, dict(doc["train"])) if doc.get("train") else None
+    train_cfg = _config(path, TrainConfig, doc["train"], "train.") if doc.get("train") else None
     firing = None
     firing_file = path / "firing.safetensors"
     if firing_file.exists():
