@@ -4,6 +4,8 @@
 * The CUDA kernels are added (``CUDAExtension``) when the installed PyTorch was built with CUDA and a
   CUDA toolkit is found (``torch.version.cuda`` and ``CUDA_HOME``); never gated on a visible GPU.
 * ``CONCEPT_EXT_FORCE_CPU=1`` forces a CPU-only build.
+* ``CONCEPT_EXT_NO_EXTENSION=1`` builds no extension at all: a pure-Python package whose ops all serve
+  from the reference (tests/test_install.py uses it to check the packaging in seconds, without a compile).
 * ``TORCH_CUDA_ARCH_LIST`` defaults to ``9.0`` (H100/H200) when unset, which also avoids
   pytorch/pytorch#137261 (arch detection raising without a visible GPU).
 * Everything is written against the LibTorch stable ABI targeting 2.10, so one source tree builds on
@@ -84,7 +86,7 @@ def _x86() -> bool:
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("CONCEPT_EXT_NO_EXTENSION", "0") == "1" else [_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

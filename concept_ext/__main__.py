@@ -71,52 +71,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: CLI pipeline command -> the last stage it runs (:data:`concept_ext.pipeline.stages.UPTO`).
+_UPTO = {"run": "report", "demo": "report", "finetune": "finetune", "cache": "cache", "train": "fit",
+         "evaluate": "evaluate", "report": "report"}
+
+
 def _pipeline(args) -> int:
     from concept_ext.config.run import load_run_config
     from concept_ext.pipeline.stages import Pipeline
 
     cfg = load_run_config(args.config, args.overrides)
     pipe = Pipeline(cfg, args.out, force=args.force, progress=not args.quiet)
-    steps = ["finetune", "cache", "train", "evaluate", "report"]
-    upto = "report" if args.command in ("run", "demo") else args.command
-    runstate_embed = steps.index(upto) >= steps.index("evaluate")
-    from concept_ext.config import run as config_run
-
-    pipe.finetune()
-    if upto == "finetune":
-        return 0
-    pipe.cache()
-    if upto == "cache":
-        return 0
-    from concept_ext import distributed
-
-    if distributed.enabled():
-        # torchrun, fit_parallel="data": the SAE methods train data-parallel on every rank; "tasks": each rank
-        # fits (and evaluates) its own (method, seed) pairs. Then the other ranks leave and rank 0 runs the
-        # remaining stages single-process (the finished fits and evaluations are skipped by their records).
-        if cfg.fit_parallel == "tasks":
-            pipe.fit_tasks(evaluate=runstate_embed)
-        else:
-            for method in [m for m in ("ClassifSAE", "SAE") if m in cfg.methods]:
-                for seed in cfg.seeds:
-                    pipe.fit(method, seed)
-        main = distributed.is_main()
-        distributed.shutdown()
-        if not main:
-            return 0
-    if runstate_embed:
-        pipe.embed()
-    recs = []
-    for method in [m for m in config_run.METHODS if m in cfg.methods]:
-        for seed in cfg.seeds:
-            fit_rec = pipe.fit(method, seed)
-            if runstate_embed:
-                recs.append(pipe.evaluate(method, seed, fit_rec))
-    if upto in ("train", "evaluate"):
-        return 0
-    path = pipe.report(recs)
-    print(f"report: {path}")
-    print(f"metrics: {pipe.out / 'metrics.json'}")
+    path = pipe.run(upto=_UPTO[args.command])  # the one stage sequence (torchrun included)
+    if path is not None:
+        print(f"report: {path}")
+        print(f"metrics: {pipe.out / 'metrics.json'}")
     return 0
 
 

@@ -1,22 +1,22 @@
-"""The CUDA kernels themselves, run on the CPU under the fiber emulator (tools/cuda_emulate.py).
+"""The CUDA kernels themselves, run on the CPU under the fiber emulator (tools/cuda_emulate.py): what
+goes beyond test_ops_cuda.py's kernel-level tests.
 
-CI has no GPU, so ``test_ops_cuda.py`` skips there. This module builds ``csrc/cuda/*.cu`` unchanged
-(host and device code) against ``csrc/emu/cuda_runtime.h`` and re-runs that module's kernel-level tests
-on CPU tensors, through the ``concept_ext_emu`` op namespace: the same inputs, the same references and
-tolerances. Uninitialised outputs are poisoned by PyTorch itself (``fill_uninitialized_memory``: NaN in
-floats, the largest value in integers). The encode's row-chunk scratch is shrunk to 64 KiB in this build
-so that its chunked path runs at test sizes. On top: results must not depend on the order in which
-threads run between barriers, and the emulator's own checks (divergent barriers, collectives with
-exited lanes) must fire on kernels that break those rules.
+CI has no GPU, so the CUDA backend of ``test_ops_cuda.py`` skips there; its ``emulated`` backend
+(tests/kernel_backend.py) runs the same kernel-level tests on CPU tensors through the ``concept_ext_emu``
+op namespace, built from ``csrc/cuda/*.cu`` unchanged (host and device code) against
+``csrc/emu/cuda_runtime.h``. Uninitialised outputs are poisoned by PyTorch itself
+(``fill_uninitialized_memory``: NaN in floats, the largest value in integers). The encode's row-chunk
+scratch is shrunk to 64 KiB in this build so that its chunked path runs at test sizes. This module adds
+what only the emulator can check: both selection paths on the same rows, results that must not depend
+on the order in which threads run between barriers, and the emulator's own checks (divergent barriers,
+collectives with exited lanes), which must fire on kernels that break those rules.
 
 What this cannot show is in ``csrc/emu/cuda_runtime.h``: speed, inter-block memory ordering, hardware
 limits; those need the GPU (``test_ops_cuda.py``, ``tools/cuda_sanitize.py``).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,65 +24,25 @@ from pathlib import Path
 import pytest
 import torch
 
+import test_ops_cuda as _cuda  # its helpers (_randn, _code, _check_topk, _close, DTYPES): an ordinary import
 from concept_ext.ops import reference as ref
+from kernel_backend import EmulatedOps, has_host_compiler, poisoned_empty
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import cuda_emulate  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="no host C++ compiler")
+pytestmark = pytest.mark.skipif(not has_host_compiler(), reason="no host C++ compiler")
 
-
-class _LazyOps:
-    """``torch.ops.concept_ext_emu``, built and loaded on first use (not at collection)."""
-
-    def __getattr__(self, name):
-        return getattr(cuda_emulate.load(), name)
-
-
-def _poison() -> None:
-    """Nothing to do per call: the module fixture below makes every torch.empty NaN-filled."""
-
-
-# test_ops_cuda.py loaded a second time as its own module, with its globals pointed at the emulator.
-_spec = importlib.util.spec_from_file_location("_ops_cuda_emulated", Path(__file__).with_name("test_ops_cuda.py"))
-_cuda = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cuda)
-_cuda.DEV = "cpu"
-_cuda.OPS_NS = _LazyOps()
-_cuda._poison = _poison
-
-# The kernel-level tests (they call the ops directly). Left out: the public-wrapper, stream, CUDA-graph
-# and 287 MiB tests, which need a real device or route to the CPU kernels.
-test_topk_encode = _cuda.test_topk_encode
-test_topk_encode_ties_and_noncontiguous = _cuda.test_topk_encode_ties_and_noncontiguous
-test_topk_encode_transposed_weight_layout = _cuda.test_topk_encode_transposed_weight_layout
-test_topk_encode_weight_grad_layouts = _cuda.test_topk_encode_weight_grad_layouts
-test_topk_encode_backward = _cuda.test_topk_encode_backward
-test_sparse_decode = _cuda.test_sparse_decode
-test_sparse_decode_noncontiguous = _cuda.test_sparse_decode_noncontiguous
-test_sparse_decode_16bit_vector_path = _cuda.test_sparse_decode_16bit_vector_path
-test_activation_rate_loss = _cuda.test_activation_rate_loss
-test_activation_rate_long_buckets = _cuda.test_activation_rate_long_buckets
-test_ablate_decode = _cuda.test_ablate_decode
-test_zero_width_d = _cuda.test_zero_width_d
-test_k_beyond_one_tile = _cuda.test_k_beyond_one_tile
-
-E = _cuda.OPS_NS
+E = EmulatedOps()
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _poisoned_empty():
     """Every uninitialised tensor (the kernels' outputs included) starts as NaN / the integer maximum."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-    torch.utils.deterministic.fill_uninitialized_memory = prev[2]
+    with poisoned_empty():
+        yield
 
 
 def test_poisoning_is_active():
@@ -330,8 +290,10 @@ def _asan_env() -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.skipif(cuda_emulate.asan_requested(), reason="this process is the AddressSanitizer run")
 def test_kernels_under_address_sanitizer():
-    """Every kernel test of this module again, with each kernel access checked against its tensor's bounds."""
+    """Every kernel test of this module and the emulated backend of test_ops_cuda.py again, with each kernel
+    access checked against its tensor's bounds."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        str(Path(__file__).with_name("test_ops_cuda.py")),
                         "-k", "not thread_order and not address_sanitizer"],
                        env=_asan_env(), capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, (r.stdout[-3000:] + r.stderr[-6000:])

@@ -91,3 +91,31 @@ def test_encoder_finetune(tmp_path, sst):
     clf = Classifier(bb, sst.class_names)
     res = finetune(clf, sst, config=FineTuneConfig(**{**QUICK, "steps": 3}))
     assert len(res.losses) == 3 and res.optimizer_used == "torch.optim.AdamW"
+
+
+class _Payload:
+    """Unpickling it would create ``path`` (what a malicious trainer_state.pt could do instead)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_pickled_callable(pythia_tokenizer, sst, tmp_path):
+    """trainer_state.pt loads with weights_only=True: a crafted file holding a callable is refused, named,
+    and never runs; a real checkpoint's state (optimizer, scheduler, RNG) loads under the same rule."""
+    from concept_ext.classifier.finetune import load_trainer_state
+
+    cfg = FineTuneConfig(**QUICK, checkpoint_every=2)
+    out = tmp_path / "ft"
+    finetune(Classifier(make_tiny_neox(pythia_tokenizer), sst.class_names), sst, config=cfg, out_dir=out)
+    state_file = out / "ckpt-00000004" / "trainer_state.pt"
+    assert load_trainer_state(state_file)["step"] == 4  # the real state needs no unpickling of code
+    marker = tmp_path / "pwned"
+    state = torch.load(state_file, weights_only=True)
+    torch.save(dict(state, scheduler=_Payload(marker)), state_file)
+    with pytest.raises(ValueError, match=r"trainer_state.pt: refusing to load"):
+        finetune(Classifier(make_tiny_neox(pythia_tokenizer), sst.class_names), sst, config=cfg, out_dir=out)
+    assert not marker.exists(), "the pickled callable ran"

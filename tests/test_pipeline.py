@@ -47,10 +47,10 @@ def finished_run(tmp_path_factory):
     out = tmp / "out"
     real_fit = methods_mod.fit_method
 
-    def interrupted(p, method, seed, d):
+    def interrupted(ctx, method, seed, d):
         if method == "SAE":
             raise KeyboardInterrupt("simulated interruption")
-        return real_fit(p, method, seed, d)
+        return real_fit(ctx, method, seed, d)
 
     methods_mod.fit_method = interrupted
     try:
@@ -94,6 +94,7 @@ def test_report_has_all_five_methods(finished_run):
 
 @pytest.mark.slow
 def test_explain_contributions_are_exact_for_classifsae(finished_run):
+    from concept_ext.pipeline.context import open_run
     from concept_ext.pipeline.explain import explain
     from concept_ext.pipeline.methods import load_method
 
@@ -101,11 +102,9 @@ def test_explain_contributions_are_exact_for_classifsae(finished_run):
     text = "Stocks fell sharply on Wall Street as oil prices rose."
     ex = explain(out, text)
     assert ex.exact and ex.prediction in ex.class_names
-    cfg = load_run_config(out / "config.json")
-    p = Pipeline(cfg, out, progress=False)
-    p.rec_finetune = read_record(out / "finetune")
-    h = p.classifier.predict([text]).hidden
-    model = load_method(p, "ClassifSAE", out / "fit/ClassifSAE-s42")
+    ctx = open_run(out)
+    h = ctx.classifier.predict([text]).hidden
+    model = load_method("ClassifSAE", out / "fit/ClassifSAE-s42")
     code = model.sae.encode(h)
     head = model.sae.classify(code.values, code.indices)[0]  # the SAE head's logits
     # Contributions of active selected concepts + bias = head logits (inactive latents contribute 0;
@@ -120,7 +119,7 @@ def test_explain_contributions_are_exact_for_classifsae(finished_run):
 def test_config_overrides_and_errors(tmp_path):
     cfg = load_run_config(None, ["train_rows=500", "train_classifsae.batch_size=128", "methods=[\"ICA\"]"])
     assert cfg.train_rows == 500 and cfg.train_classifsae.batch_size == 128 and cfg.methods == ["ICA"]
-    with pytest.raises(ValueError, match="unknown key 'nope'"):
+    with pytest.raises(ValueError, match="unknown config key 'train_classifsae.nope'"):
         load_run_config(None, ["train_classifsae.nope=1"])
     with pytest.raises(ValueError, match="unknown method"):
         load_run_config(None, ['methods=["PCA"]'])

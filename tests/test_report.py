@@ -325,3 +325,19 @@ def test_wordcloud_layout_has_no_overlap():
         assert 0 <= a[0] and a[2] <= 520 and 0 <= a[1] and a[3] <= 280
         for b in boxes[i + 1:]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def test_module_entry_point_rebuilds_the_report(tmp_path):
+    """``python -m concept_ext.report RUN_DIR`` (the command the README gives) still works after the move
+    of the report code into concept_ext/report/."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "metrics.json").write_text(json.dumps(minimal_results()), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-m", "concept_ext.report", str(tmp_path)], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0 and (tmp_path / "report.md").is_file(), r.stderr[-3000:]
+    assert r.stdout.strip() == str(tmp_path / "report.md")

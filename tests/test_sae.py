@@ -147,16 +147,15 @@ def test_save_load_round_trip_is_exact(tmp_path, arch):
     assert torch.equal(ck.firing.steps_since_fired, torch.arange(CFG["m"]) * 2)
 
 
-def test_load_rejects_bad_checkpoints(tmp_path, caplog):
+def test_load_rejects_bad_checkpoints(tmp_path):
     _, path = _roundtrip_sae(tmp_path)
     with pytest.raises(ValueError, match="expected_d"):
         load_checkpoint(path, expected_d=16)
     doc = json.loads((path / "cfg.json").read_text())
-    doc["sae"]["future_field"] = 1  # unknown keys are dropped with a warning
-    (path / "cfg.json").write_text(json.dumps(doc))
-    with caplog.at_level("WARNING", logger="concept_ext"):
+    unknown = dict(doc, sae=dict(doc["sae"], future_field=1))  # unknown keys are an error naming the file
+    (path / "cfg.json").write_text(json.dumps(unknown))
+    with pytest.raises(ValueError, match=r"cfg.json: unknown config key 'sae.future_field'"):
         load_checkpoint(path)
-    assert "future_field" in caplog.text
     bad = dict(doc, format_version=99)
     (path / "cfg.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="format_version"):
@@ -185,3 +184,19 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     assert not (tmp_path / "fresh").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
     assert torch.equal(load_checkpoint(path).sae.W_dec, sae.W_dec)
+
+
+def test_retired_config_keys_still_load(tmp_path, monkeypatch, caplog):
+    """A key listed in RETIRED_KEYS (a field that was removed) is dropped on load, with a log line."""
+    from concept_ext.config import build
+
+    _, path = _roundtrip_sae(tmp_path)
+    doc = json.loads((path / "cfg.json").read_text())
+    doc["train"]["old_knob"] = 3
+    (path / "cfg.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="old_knob"):
+        load_checkpoint(path)
+    monkeypatch.setitem(build.RETIRED_KEYS, "TrainConfig", {"old_knob": "removed in a test"})
+    with caplog.at_level("INFO", logger="concept_ext"):
+        ck = load_checkpoint(path)
+    assert ck.train_cfg == TrainConfig.preset("quick") and "train.old_knob" in caplog.text

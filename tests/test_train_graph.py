@@ -341,3 +341,23 @@ def test_cuda_graph_replays_do_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     tr.check_finite()
+
+
+def test_graph_step_only_captures_and_replays():
+    """The graph step holds no reference to the trainer and leaves the step's bookkeeping (step count, last
+    batch, samples seen) to the trainer's step-begin/step-end pair, which the eager step uses too."""
+    import ast
+    from pathlib import Path
+
+    import concept_ext.sae.graph_step as graph_module
+
+    h, y = tiny_data()
+    tr = tiny_trainer(h, y, cuda_graph=True, alternate_half_batches=True)
+    for _ in range(3):
+        tr.train_step()
+    assert all(v is not tr for v in vars(tr._graph).values()), "GraphStep keeps a back-pointer to the Trainer"
+    assert tr.step == 3 and tr.firing.samples_seen == 16 + 8 + 16
+    assert tr._last_batch[0].shape == (16, 8)
+    tree = ast.parse(Path(graph_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "concept_ext.sae.trainer" not in imported

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from concept_ext.text.data import TextDataset
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["finetune", "FineTuneResult", "accuracy", "batch_order"]
+__all__ = ["finetune", "FineTuneResult", "accuracy", "batch_order", "load_trainer_state"]
 
 
 @dataclass
@@ -145,6 +146,149 @@ def _share_loss(_model, b: dict, y: torch.Tensor, weight: float, *, clf: Classif
         return F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y, reduction="sum") * weight
 
 
+def _precision(cfg: FineTuneConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``mixed_precision`` resolved (``auto`` -> fp16 on CUDA); None (fp32) off CUDA."""
+    amp = cfg.mixed_precision
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else "no"
+    if device.type != "cuda":
+        amp = "no"  # mixed precision on GPU only
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+
+
+def load_trainer_state(path: Path) -> dict:
+    """A checkpoint's ``trainer_state.pt``, loaded with ``weights_only=True``: tensors, numbers, strings and
+    containers only. A file that holds anything else (a pickled callable or class) is refused with a
+    ValueError naming it, before any of it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refusing to load a fine-tuning trainer state that holds more than tensors and "
+                         f"plain data (weights_only=True): {str(exc).splitlines()[0]}. Delete the checkpoint "
+                         "folder to restart fine-tuning from the backbone.") from None
+
+
+def _resume_weights(model, out: Path | None, device: torch.device, resume: bool) -> tuple[dict | None, Path | None]:
+    """With a ``latest.json`` under ``out`` (and ``resume``): load its weights into ``model`` and return its
+    trainer state and folder; else ``(None, None)``. Weights first: FSDP shards a copy of the loaded model."""
+    if out is None:
+        return None, None
+    out.mkdir(parents=True, exist_ok=True)
+    latest = out / "latest.json"
+    if not (resume and latest.is_file()):
+        return None, None
+    ck = out / json.loads(latest.read_text())["checkpoint"]
+    load_model(model, str(ck / "model.safetensors"), device=str(device))
+    return load_trainer_state(ck / "trainer_state.pt"), ck
+
+
+@dataclass
+class _Parallel:
+    """How the model trains: alone, DDP-wrapped or FSDP-sharded (under torchrun)."""
+
+    train_model: torch.nn.Module
+    """The module whose parameters the optimizer steps (the sharded copy under FSDP)."""
+    loss_module: torch.nn.Module | None
+    """Under torchrun: the module whose forward is this rank's share of the batch loss (DDP or FSDP root)."""
+    batcher: Classifier
+    """The classifier that builds batches (on the training device)."""
+    fsdp: finetune_fsdp.Sharded | None = None
+    """The FSDP-sharded copy, when ``parallel == "fsdp"``."""
+
+
+def _parallel(clf: Classifier, cfg: FineTuneConfig, amp_dtype) -> _Parallel:
+    """Shard (FSDP) or wrap (DDP) the model under torchrun; single-process, the model as it is."""
+    if distributed.enabled() and cfg.parallel == "fsdp":  # the optimizer must see the sharded parameters
+        fsdp = finetune_fsdp.shard_classifier(clf, functools.partial(_share_loss, amp_dtype=amp_dtype))
+        return _Parallel(fsdp.model, fsdp.root, fsdp.clf, fsdp)
+    if distributed.enabled():  # DDP over a module whose forward is this rank's share of the batch loss
+        share_fn = functools.partial(_share_loss, clf=clf, amp_dtype=amp_dtype)
+        return _Parallel(clf.model, distributed.wrap_ddp(distributed.LossModule(clf.model, share_fn)), clf)
+    return _Parallel(clf.model, None, clf)
+
+
+def _restore(st: dict, par: _Parallel, opt, sched, scaler, res: FineTuneResult) -> int:
+    """Load a resumed trainer state into the optimizer, scheduler, scaler, RNG and ``res``; its step."""
+    if par.fsdp is not None:
+        finetune_fsdp.load_optimizer_state(par.fsdp.model, opt, st["optimizer"])
+    else:
+        opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    if scaler is not None and st["scaler"] is not None:
+        scaler.load_state_dict(st["scaler"])
+    torch.set_rng_state(st["torch_rng"])
+    res.losses, res.resumed_from = list(st["losses"]), st["step"]
+    return int(st["step"])
+
+
+def _batch_loss(clf: Classifier, par: _Parallel, ids: list, labels: torch.Tensor, idx: list[int],
+                amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, backward)`` of the global batch ``idx``: the mean cross-entropy (the same on every rank) and
+    the tensor to back-propagate (this rank's share, scaled for the gradient averaging of DDP/FSDP)."""
+    if par.loss_module is None:
+        b = clf.batch([ids[i] for i in idx])
+        y = labels[idx].to(clf.device)
+        with torch.autocast(clf.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y)
+        return loss, loss
+    # This rank's rows of the global batch; a rank left without rows (a short last batch) runs one row
+    # with weight 0 so that every rank takes part in the gradient all-reduce.
+    lo, hi = distributed.shard_range(len(idx))
+    mine, weight = (idx[lo:hi], 1.0 / len(idx)) if hi > lo else (idx[:1], 0.0)
+    b, y = par.batcher.batch([ids[i] for i in mine]), labels[mine].to(par.batcher.device)
+    share = par.loss_module(b, y, weight)
+    # DDP averages gradients (FSDP's reduce-scatter too); the shares' gradients add up
+    backward = share * distributed.world_size()
+    loss = share.detach().clone()
+    torch.distributed.all_reduce(loss)  # the global mean loss, the same on every rank
+    return loss, backward
+
+
+def _update(backward: torch.Tensor, par: _Parallel, opt, sched, scaler, cfg: FineTuneConfig) -> None:
+    """Backward (scaled under fp16), clip the global gradient norm, optimizer and scheduler steps."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(backward).backward()
+        scaler.unscale_(opt)
+    else:
+        backward.backward()
+    torch.nn.utils.clip_grad_norm_(par.train_model.parameters(), cfg.max_grad_norm)  # FSDP: global norm
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    sched.step()
+
+
+def _checkpoint(out: Path, done: int, model, par: _Parallel, opt, sched, scaler, res: FineTuneResult,
+                cfg: FineTuneConfig) -> None:
+    """A mid-run checkpoint: under FSDP the shards are gathered (collectives on every rank); rank 0 writes."""
+    m_state, o_state = model, opt
+    if par.fsdp is not None:
+        m_state = finetune_fsdp.StateDictView(finetune_fsdp.full_model_state(par.fsdp.model))
+        o_state = finetune_fsdp.StateDictView(finetune_fsdp.full_optimizer_state(par.fsdp.model, opt))
+    if distributed.is_main():  # the ranks hold the same state (or its shards); one writes it
+        _save_checkpoint(out, done, m_state, o_state, sched, scaler, res.losses, cfg)
+    distributed.barrier()
+
+
+def _save_final(clf: Classifier, out: Path, o_state, s_state, scaler, res: FineTuneResult,
+                cfg: FineTuneConfig) -> None:
+    """The last checkpoint and the final HF model folder ``out/model`` (rank 0 writes, every rank waits)."""
+    mdir = out / "model"
+    if distributed.is_main():  # rank 0 only (distributed); the others wait below
+        _save_checkpoint(out, cfg.steps, clf.model, o_state, s_state, scaler, res.losses, cfg)
+        tmp = out / f".model.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        clf.model.save_pretrained(tmp)
+        clf.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(mdir, ignore_errors=True)
+        os.replace(tmp, mdir)
+    distributed.barrier()
+    res.model_dir = str(mdir)
+
+
 def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | None = None,
              test: TextDataset | None = None, out_dir: str | os.PathLike | None = None,
              progress: bool = False, resume: bool = True) -> FineTuneResult:
@@ -159,133 +303,59 @@ def finetune(clf: Classifier, train: TextDataset, *, config: FineTuneConfig | No
     device = clf.device
     torch.manual_seed(cfg.seed)
     model.requires_grad_(True)
-    amp = cfg.mixed_precision
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else "no"
-    if device.type != "cuda":
-        amp = "no"  # mixed precision on GPU only
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    amp_dtype = _precision(cfg, device)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     out = Path(out_dir) if out_dir is not None else None
-    start, st, ck = 0, None, None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        latest = out / "latest.json"
-        if resume and latest.is_file():  # weights first: FSDP shards a copy of the loaded model
-            ck = out / json.loads(latest.read_text())["checkpoint"]
-            load_model(model, str(ck / "model.safetensors"), device=str(device))
-            st = torch.load(ck / "trainer_state.pt", weights_only=False)
-    fsdp = None
-    if distributed.enabled() and cfg.parallel == "fsdp":  # the optimizer must see the sharded parameters
-        fsdp = finetune_fsdp.shard_classifier(clf, functools.partial(_share_loss, amp_dtype=amp_dtype))
-    train_model = fsdp.model if fsdp is not None else model
-    named = [(n, p) for n, p in train_model.named_parameters() if p.requires_grad]
+    st, ck = _resume_weights(model, out, device, resume)
+    par = _parallel(clf, cfg, amp_dtype)
+    named = [(n, p) for n, p in par.train_model.named_parameters() if p.requires_grad]
     # As the HF Trainer the paper used: no weight decay on biases and norm weights.
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
-    opt, opt_name = _optimizer(decay, no_decay, cfg, device)
+    opt, opt_name = _optimizer([p for n, p in named if p.ndim >= 2], [p for n, p in named if p.ndim < 2], cfg,
+                               device)
+    del named
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup(), cfg.steps))
     # FSDP too: with sharded (DTensor) gradients, DTensor's handler of the unscale op all-reduces the
     # "found inf" flag, so every rank skips the same steps (checked on 2 gloo ranks, one overflowing shard).
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     res = FineTuneResult(steps=0, optimizer_used=opt_name)
+    start = 0
     if st is not None:
-        if fsdp is not None:
-            finetune_fsdp.load_optimizer_state(fsdp.model, opt, st["optimizer"])
-        else:
-            opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        if scaler is not None and st["scaler"] is not None:
-            scaler.load_state_dict(st["scaler"])
-        torch.set_rng_state(st["torch_rng"])
-        start, res.losses, res.resumed_from = st["step"], list(st["losses"]), st["step"]
+        start = _restore(st, par, opt, sched, scaler, res)
         logger.info("resumed fine-tuning from %s (step %d)", ck, start)
     enc = clf.encode(train.texts)
     order = batch_order([len(r) for r in enc.ids], cfg.batch_size, seed=cfg.seed, bucket_factor=cfg.bucket_factor)
     for _ in range(start):  # replay the deterministic data order up to the resumed step
         next(order)
     labels = torch.as_tensor(train.labels, dtype=torch.long)
-    ddp = None
-    if fsdp is not None:
-        ddp = fsdp.root  # the root FSDP unit: forward = this rank's share of the batch loss
-    elif distributed.enabled():  # DDP over a module whose forward is this rank's share of the batch loss
-        share_fn = functools.partial(_share_loss, clf=clf, amp_dtype=amp_dtype)
-        ddp = distributed.wrap_ddp(distributed.LossModule(model, share_fn))
-    batcher = fsdp.clf if fsdp is not None else clf  # batches land on the training device
-    train_model.train()
+    par.train_model.train()
     try:
         for step in tqdm(range(start, cfg.steps), disable=not progress or not distributed.is_main(),
                          desc="finetune", initial=start, total=cfg.steps):
-            idx = next(order)
-            if ddp is None:
-                b = clf.batch([enc.ids[i] for i in idx])
-                y = labels[idx].to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = F.cross_entropy(clf.forward_batch(b, hidden=False).logits, y)
-                backward = loss
-            else:
-                # This rank's rows of the global batch; a rank left without rows (a short last batch) runs
-                # one row with weight 0 so that every rank takes part in the gradient all-reduce.
-                lo, hi = distributed.shard_range(len(idx))
-                mine, weight = (idx[lo:hi], 1.0 / len(idx)) if hi > lo else (idx[:1], 0.0)
-                b, y = batcher.batch([enc.ids[i] for i in mine]), labels[mine].to(batcher.device)
-                share = ddp(b, y, weight)
-                # DDP averages gradients (FSDP's reduce-scatter too); the shares' gradients add up
-                backward = share * distributed.world_size()
-                loss = share.detach().clone()
-                torch.distributed.all_reduce(loss)  # the global mean loss, the same on every rank
+            loss, backward = _batch_loss(clf, par, enc.ids, labels, next(order), amp_dtype)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(backward).backward()
-                scaler.unscale_(opt)
-            else:
-                backward.backward()
-            torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.max_grad_norm)  # FSDP: global norm
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
+            _update(backward, par, opt, sched, scaler, cfg)
             res.losses.append(float(loss.detach()))
             done = step + 1
             if out is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                m_state, o_state = model, opt
-                if fsdp is not None:  # gather the shards (collectives on every rank), rank 0 writes
-                    m_state = finetune_fsdp.StateDictView(finetune_fsdp.full_model_state(fsdp.model))
-                    o_state = finetune_fsdp.StateDictView(finetune_fsdp.full_optimizer_state(fsdp.model, opt))
-                if distributed.is_main():  # the ranks hold the same state (or its shards); one writes it
-                    _save_checkpoint(out, done, m_state, o_state, sched, scaler, res.losses, cfg)
-                distributed.barrier()
+                _checkpoint(out, done, model, par, opt, sched, scaler, res, cfg)
     finally:
-        train_model.eval()
+        par.train_model.eval()
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
     res.steps = cfg.steps
     o_state, s_state = opt, sched
-    if fsdp is not None:  # clf.model gets the full trained weights on every rank (an ordinary module again)
+    if par.fsdp is not None:  # clf.model gets the full trained weights on every rank (an ordinary module again)
         if out is not None:
-            o_state = finetune_fsdp.StateDictView(finetune_fsdp.full_optimizer_state(fsdp.model, opt))
+            o_state = finetune_fsdp.StateDictView(finetune_fsdp.full_optimizer_state(par.fsdp.model, opt))
             s_state = finetune_fsdp.StateDictView(sched.state_dict())
-        finetune_fsdp.restore(clf, fsdp)
+        finetune_fsdp.restore(clf, par.fsdp)
         # Drop every reference to the shards before the full model goes back to the device.
-        fsdp = ddp = train_model = opt = sched = named = decay = no_decay = None
+        par = opt = sched = None
         model.to(device)
     if out is not None:
-        mdir = out / "model"
-        if distributed.is_main():  # rank 0 only (distributed); the others wait below
-            _save_checkpoint(out, cfg.steps, model, o_state, s_state, scaler, res.losses, cfg)
-            tmp = out / f".model.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            clf.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(mdir, ignore_errors=True)
-            os.replace(tmp, mdir)
-        distributed.barrier()
-        res.model_dir = str(mdir)
+        _save_final(clf, out, o_state, s_state, scaler, res, cfg)
     res.train_acc = accuracy(clf, train, batch_size=cfg.eval_batch_size, max_rows=cfg.max_eval_rows)
     if test is not None:
         res.test_acc = accuracy(clf, test, batch_size=cfg.eval_batch_size, max_rows=cfg.max_eval_rows)

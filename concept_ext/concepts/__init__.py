@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+from concept_ext.concepts.base import concept_class
 from concept_ext.concepts.conceptshap import ConceptSHAPConcepts
 from concept_ext.concepts.hiconcept import HIConceptConcepts
 from concept_ext.concepts.ica import ICAConcepts
@@ -34,8 +35,6 @@ __all__ = [
 
 
 def make_concept_model(method: str, config=None, **kwargs):
-    """Build an unfitted baseline by name: "ica", "conceptshap" or "hiconcept" (SAEs: SAEConcepts)."""
-    classes = {"ica": ICAConcepts, "conceptshap": ConceptSHAPConcepts, "hiconcept": HIConceptConcepts}
-    if method not in classes:
-        raise ValueError(f"method must be one of {sorted(classes)}, got {method!r}")
-    return classes[method](config, **kwargs)
+    """Build an unfitted concept model by its registered name (:func:`~concept_ext.concepts.base.concept_class`):
+    ``"ica"``, ``"conceptshap"``, ``"hiconcept"`` with their config, or ``"sae"`` with the SAE module."""
+    return concept_class(method)(config, **kwargs)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from concept_ext.ops import _finite
+from concept_ext.ops import check_finite
 from concept_ext.runstate import atomic_write_json, default_file_mode  # noqa: F401  (atomic_write_json: re-exported for the baselines)
 
 logger = logging.getLogger("concept_ext")
@@ -39,6 +39,7 @@ __all__ = [
     "FORMAT_VERSION",
     "load_concept_model",
     "register_concept_model",
+    "concept_class",
     "check_activations",
     "check_labels",
     "atomic_write_json",
@@ -52,13 +53,25 @@ FORMAT_VERSION = 1
 CFG_NAME = "cfg.json"
 TENSORS_NAME = "concepts.safetensors"
 
+#: The one registry of concept methods: ``cls.method`` -> class (filled by :func:`register_concept_model`).
 _REGISTRY: dict[str, type["ConceptModel"]] = {}
 
 
 def register_concept_model(cls: type["ConceptModel"]) -> type["ConceptModel"]:
-    """Class decorator: make ``cls`` loadable by :func:`load_concept_model` under ``cls.method``."""
+    """Class decorator: make ``cls`` buildable (:func:`~concept_ext.concepts.make_concept_model`) and
+    loadable (:func:`load_concept_model`) under ``cls.method``."""
     _REGISTRY[cls.method] = cls
     return cls
+
+
+def concept_class(method: str) -> type["ConceptModel"]:
+    """The registered class of ``method`` (``ica``, ``conceptshap``, ``hiconcept``, ``sae``); ValueError
+    listing the known names otherwise."""
+    from concept_ext import concepts  # noqa: F401 - importing the package registers every class
+
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown concept method {method!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[method]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,7 +94,7 @@ def check_activations(h: Any, *, name: str = "h", d: Optional[int] = None, min_r
         raise ValueError(f"{name} has d={h.shape[1]} but the model was fitted with d={d}")
     if h.shape[0] < min_rows:
         raise ValueError(f"{name} has {h.shape[0]} rows; at least {min_rows} are needed")
-    _finite(h, name)
+    check_finite(h, name)
     return h
 
 
@@ -243,8 +256,6 @@ class ConceptModel(abc.ABC):
 
 def load_concept_model(directory: str | os.PathLike, **kwargs: Any) -> ConceptModel:
     """Load any saved :class:`ConceptModel`; ``kwargs`` go to the class (e.g. ``sae=`` for the adapter)."""
-    from concept_ext import concepts as baselines  # noqa: F401 - registers the classes
-
     directory = Path(directory)
     cfg_path = directory / CFG_NAME
     if not cfg_path.is_file():
@@ -252,12 +263,13 @@ def load_concept_model(directory: str | os.PathLike, **kwargs: Any) -> ConceptMo
     cfg = json.loads(cfg_path.read_text())
     if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
         raise ValueError(f"{directory} has format_version {cfg.get('format_version')} > {FORMAT_VERSION}")
-    method = cfg.get("method")
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown concept method {method!r} in {cfg_path}; known: {sorted(_REGISTRY)}")
+    try:
+        cls = concept_class(cfg.get("method"))
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
     tpath = directory / TENSORS_NAME
     tensors = load_file(str(tpath)) if tpath.is_file() else {}
-    model = _REGISTRY[method]._from_state(cfg["config"], tensors, **kwargs)
+    model = cls._from_state(cfg["config"], tensors, **kwargs)
     model._restore_common(cfg)
     return model
 

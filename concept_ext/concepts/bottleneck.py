@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from concept_ext.concepts.base import ConceptModel, Tail, check_activations, check_labels, n_batches
-from concept_ext.config.baselines import BottleneckConfig, config_from_dict
+from concept_ext.config.baselines import BottleneckConfig
+from concept_ext.config.build import build_config
 
 logger = logging.getLogger("concept_ext")
 
@@ -217,7 +218,7 @@ class BottleneckConcepts(ConceptModel):
     @classmethod
     def _from_state(cls, config: dict[str, Any], tensors: dict[str, Tensor], **kwargs: Any
                     ) -> "BottleneckConcepts":
-        model = cls(config_from_dict(cls.config_cls, config), device=kwargs.get("device"))
+        model = cls(build_config(cls.config_cls, config), device=kwargs.get("device"))
         if "C_vec" not in tensors:
             raise ValueError(f"{cls.method} checkpoint lacks tensor 'C_vec'")
         d, n = tensors["C_vec"].shape

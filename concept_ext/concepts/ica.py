@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from concept_ext.concepts.base import ConceptModel, Tail, check_activations, register_concept_model
-from concept_ext.config.baselines import ICAConfig, config_from_dict
+from concept_ext.config.baselines import ICAConfig
+from concept_ext.config.build import build_config
 
 logger = logging.getLogger("concept_ext")
 
@@ -98,7 +99,7 @@ class ICAConcepts(ConceptModel):
 
     @classmethod
     def _from_state(cls, config: dict[str, Any], tensors: dict[str, Tensor], **kwargs: Any) -> "ICAConcepts":
-        model = cls(config_from_dict(ICAConfig, config))
+        model = cls(build_config(ICAConfig, config))
         for key in ("mixing", "components", "mean"):
             if key not in tensors:
                 raise ValueError(f"ICA checkpoint lacks tensor {key!r}")

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from concept_ext.concepts.base import ConceptModel, Tail, check_activations, check_labels, register_concept_model
-from concept_ext.config.baselines import ProbeConfig, config_from_dict
+from concept_ext.config.baselines import ProbeConfig
+from concept_ext.config.build import build_config
 from concept_ext.concepts.probe import fit_probe
 
 __all__ = ["SparseSAE", "SAEConcepts"]
@@ -151,7 +152,7 @@ class SAEConcepts(ConceptModel):
         if "sae" not in kwargs:
             raise ValueError("loading an SAE concept model needs the SAE: load_concept_model(dir, sae=...)")
         model = cls(kwargs["sae"], selection=config["selection"], n_select=config["n_select"],
-                    probe=config_from_dict(ProbeConfig, config.get("probe", {})),
+                    probe=build_config(ProbeConfig, config.get("probe", {})),
                     input_norm_rescale=config.get("input_norm_rescale", True),
                     chunk_rows=config.get("chunk_rows", 8192))
         model.probe_scores = tensors.get("probe_scores")

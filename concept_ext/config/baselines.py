@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Literal
+
+from concept_ext.config.build import check_choices
 
 logger = logging.getLogger("concept_ext")
 
@@ -22,7 +24,6 @@ __all__ = [
     "SelectConfig",
     "BaselinesConfig",
     "baselines_preset",
-    "config_from_dict",
     "V1_CONCEPTSHAP_THRES",
 ]
 
@@ -91,7 +92,7 @@ class BottleneckConfig:
     """Weight of L_far (v2) or of R2 (v1: 0.1)."""
     reg_start_epoch: int = 0
     """Regularisers are added from this epoch on (v1 ConceptSHAP: 2, CE alone in epochs 0 and 1)."""
-    regularizer: str = "v2"
+    regularizer: Literal["v1", "v2"] = "v2"
     """"v2": batch top-(B/4) similarity + mean (c~^T c~ - I); "v1": kNN R1 over the train cache + R2."""
     knn_k: int = 64
     """v1 R1: neighbours per concept in the whole train cache."""
@@ -106,16 +107,13 @@ class BottleneckConfig:
     the train mean, stored with the model) and reconstruct g(p) + mu. On anisotropic caches (||mean h||
     close to ||h||) every cosine with a random concept is near 0 and the 0.3 threshold never fires; in the
     centred space it does. Off in the paper presets."""
-    init: str = "uniform"
+    init: Literal["uniform", "data"] = "uniform"
     """Concept vectors' start: ``"uniform"`` (U(-init_range, init_range), the reference) or ``"data"``
     (each column a distinct random training row, centred when ``center`` is on, scaled to the uniform
     draw's expected column norm)."""
 
     def __post_init__(self) -> None:
-        if self.init not in ("uniform", "data"):
-            raise ValueError(f"init must be 'uniform' or 'data', got {self.init!r}")
-        if self.regularizer not in ("v1", "v2"):
-            raise ValueError(f"regularizer must be 'v1' or 'v2', got {self.regularizer!r}")
+        check_choices(self)
         if self.n_concepts < 1 or self.hidden < 1 or self.batch_size < 1 or self.epochs < 0:
             raise ValueError("n_concepts, hidden, batch_size must be >= 1 and epochs >= 0")
         if self.lr <= 0:
@@ -158,13 +156,11 @@ class ShapleyConfig:
     """Use exact subset enumeration when n_concepts <= exact_max (2^n value evaluations)."""
     seed: int = 0
     """Seed of the permutation sampler."""
-    completeness_form: str = "accuracy"
+    completeness_form: Literal["accuracy", "count"] = "accuracy"
     """"accuracy": (acc_new - 1/C)/(acc_orig - 1/C); "count": the v1 count form (oddity 25)."""
 
     def __post_init__(self) -> None:
-        if self.completeness_form not in ("accuracy", "count"):
-            raise ValueError(
-                f"completeness_form must be 'accuracy' or 'count', got {self.completeness_form!r}")
+        check_choices(self)
         if self.n_permutations < 2:
             raise ValueError("n_permutations must be >= 2 (a standard error needs two samples)")
 
@@ -191,19 +187,16 @@ class ProbeConfig:
     """saga iteration cap."""
     standardize: bool = True
     """StandardScaler before the probe."""
-    search: str = "grid"
+    search: Literal["grid", "lrcv"] = "grid"
     """"grid": GridSearchCV + LogisticRegression (v2); "lrcv": LogisticRegressionCV (v1)."""
-    tie_rule: str = "lower"
+    tie_rule: Literal["lower", "higher", "numpy_reverse"] = "lower"
     """Equal scores: "lower" index wins (default), "higher" (v2 reference, oddity 21), "numpy_reverse"
     (v1 reference: reversed numpy default argsort)."""
     max_rows: Optional[int] = None
     """Seeded, stratified row cap for the probe (None: all rows)."""
 
     def __post_init__(self) -> None:
-        if self.tie_rule not in ("lower", "higher", "numpy_reverse"):
-            raise ValueError(f"tie_rule must be lower|higher|numpy_reverse, got {self.tie_rule!r}")
-        if self.search not in ("grid", "lrcv"):
-            raise ValueError(f"search must be 'grid' or 'lrcv', got {self.search!r}")
+        check_choices(self)
         self.Cs = tuple(sorted(float(c) for c in self.Cs))
         if not self.Cs or self.n_select < 1 or self.n_folds < 2:
             raise ValueError("Cs must be non-empty, n_select >= 1 and n_folds >= 2")
@@ -215,21 +208,15 @@ class SelectConfig:
 
     dead_threshold: float = 1e-6
     """A selected feature whose mean |activation| on the test set is <= this is dead (v1: 1e-5)."""
-    segmentation: str = "mean"
+    segmentation: Literal["mean", "sum"] = "mean"
     """Per-class "mean" (v2) or "sum" (v1) of the activations."""
-    selection_split: str = "train"
+    selection_split: Literal["train", "test"] = "train"
     """Split used by the probe and the segmentation: "train" (default) or "test" (the paper)."""
-    selection_labels: str = "predicted"
+    selection_labels: Literal["predicted", "ground_truth"] = "predicted"
     """Labels used by the probe and the segmentation: "predicted" (LLM) or "ground_truth" (the paper)."""
 
     def __post_init__(self) -> None:
-        if self.segmentation not in ("mean", "sum"):
-            raise ValueError(f"segmentation must be 'mean' or 'sum', got {self.segmentation!r}")
-        if self.selection_split not in ("train", "test"):
-            raise ValueError(f"selection_split must be 'train' or 'test', got {self.selection_split!r}")
-        if self.selection_labels not in ("predicted", "ground_truth"):
-            raise ValueError(
-                f"selection_labels must be predicted|ground_truth, got {self.selection_labels!r}")
+        check_choices(self)
 
 
 @dataclass
@@ -293,20 +280,3 @@ def baselines_preset(
         tie_rule="numpy_reverse" if q else "lower",
     )
     return cfg
-
-
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from JSON: unknown keys are dropped with a warning, missing ones default."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            logger.warning("ignoring unknown %s field %r", cls.__name__, key)
-            continue
-        sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            value = config_from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from concept_ext.config.build import check_choices
 
 __all__ = ["PromptConfig", "FineTuneConfig", "CacheConfig"]
 
@@ -16,15 +18,15 @@ __all__ = ["PromptConfig", "FineTuneConfig", "CacheConfig"]
 class PromptConfig:
     """How a sentence becomes the classifier's input (method.md section 1.2)."""
 
-    template: str = "options_v1"
+    template: Literal["options_v1"] = "options_v1"
     """Prompt template name. ``options_v1`` = ``"{text}\\n\\nOPTIONS:\\n" + "{id}({name})\\n" per class``
     (the paper's template, method.md 1.2). Encoders ignore it (raw text)."""
 
-    padding_side: str = "left"
+    padding_side: Literal["left", "right"] = "left"
     """``left`` (the paper) or ``right``. Decision position and position_ids come from the mask, so
     both give the same predictions."""
 
-    truncation_side: str = "left"
+    truncation_side: Literal["left", "right"] = "left"
     """``left`` keeps the option list when a text is too long (the paper); ``right`` cuts the end."""
 
     max_length: int = 2047
@@ -38,11 +40,7 @@ class PromptConfig:
     """Remove ``<br />`` tags from texts before prompting (method.md 9, oddity 13; the paper keeps them)."""
 
     def __post_init__(self) -> None:
-        if self.template not in ("options_v1",):
-            raise ValueError(f"PromptConfig.template: unknown template {self.template!r}")
-        for name in ("padding_side", "truncation_side"):
-            if getattr(self, name) not in ("left", "right"):
-                raise ValueError(f"PromptConfig.{name} must be 'left' or 'right', got {getattr(self, name)!r}")
+        check_choices(self)
         if self.max_length < 8:
             raise ValueError(f"PromptConfig.max_length must be >= 8, got {self.max_length}")
 
@@ -72,11 +70,11 @@ class FineTuneConfig:
     warmup_steps: int | None = None
     """Explicit warmup steps overriding the ratio (``reference_quirks``: 500, method.md 9 oddity 20)."""
 
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, CUDA only; falls back to torch AdamW and
     records the substitution)."""
 
-    mixed_precision: str = "auto"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """``auto`` = fp16 autocast + GradScaler on CUDA, fp32 on CPU; ``no``; ``fp16``; ``bf16``. Never on CPU."""
 
     gradient_checkpointing: bool = False
@@ -98,7 +96,7 @@ class FineTuneConfig:
     max_eval_rows: int | None = None
     """Evaluate accuracy on at most this many rows per split (None = all)."""
 
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ``ddp`` (DistributedDataParallel, a full model copy per rank) or ``fsdp`` (FSDP2
     ``fully_shard`` per transformer block + root: parameters, gradients and AdamW state sharded over the
     ranks, for models whose training state does not fit one GPU). Same effective batch, learning-rate
@@ -122,16 +120,11 @@ class FineTuneConfig:
         return cls(**{**presets[name], **overrides})
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("FineTuneConfig.steps and batch_size must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"FineTuneConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"FineTuneConfig.optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise ValueError(f"FineTuneConfig.mixed_precision: unknown value {self.mixed_precision!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"FineTuneConfig.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
     def warmup(self) -> int:
         """Number of warmup steps (explicit value, else ``round(ratio * steps)``)."""
@@ -151,7 +144,7 @@ class CacheConfig:
     shard_size: int = 4096
     """Rows per safetensors shard; a shard is the unit of resumption."""
 
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Model compute dtype for the pass (``float32``, ``float16``, ``bfloat16``); h is stored as float32."""
 
     spot_check_rows: int = 4
@@ -161,12 +154,11 @@ class CacheConfig:
     """Prompt settings (part of the cache key)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if isinstance(self.prompt, dict):
             self.prompt = PromptConfig(**self.prompt)
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("CacheConfig.batch_size and shard_size must be >= 1")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"CacheConfig.dtype: unknown dtype {self.dtype!r}")
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary."""

@@ -15,7 +15,9 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Literal
+
+from concept_ext.config.build import build_config, check_choices, unknown_key_error
 
 from concept_ext.config.baselines import BaselinesConfig, baselines_preset
 from concept_ext.config.clf import CacheConfig, FineTuneConfig
@@ -108,7 +110,7 @@ class RunConfig:
     """ICA, ConceptSHAP, HI-Concept, probe selection and post-processing settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
-    fit_parallel: str = "data"
+    fit_parallel: Literal["data", "tasks"] = "data"
     """How torchrun ranks share the fit and evaluate stages. ``data``: the SAE methods train data-parallel
     (DDP over each step's batch) on every rank, then rank 0 alone fits the baselines and evaluates.
     ``tasks``: every (method, seed) pair is one task, dealt round robin to the ranks; each rank fits and
@@ -116,6 +118,7 @@ class RunConfig:
     Single-process runs ignore it, and it is not part of any stage fingerprint."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"RunConfig.methods: unknown method(s) {bad}; choose from {list(METHODS)}")
@@ -124,8 +127,6 @@ class RunConfig:
             raise ValueError(f"RunConfig.protocols must be a non-empty subset of ['tail', 'context'], got {self.protocols}")
         if not self.seeds:
             raise ValueError("RunConfig.seeds must hold at least one seed")
-        if self.fit_parallel not in ("data", "tasks"):
-            raise ValueError(f"RunConfig.fit_parallel must be 'data' or 'tasks', got {self.fit_parallel!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"RunConfig.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
 
@@ -172,21 +173,6 @@ def _dataclass_type(tp: Any) -> Optional[type]:
     return None
 
 
-def _build(cls, data: dict, where: str):
-    """Instantiate dataclass ``cls`` from a (possibly nested) dict; unknown keys are an error."""
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document a file
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid: {sorted(names)}")
-    kwargs = {}
-    for k, v in data.items():
-        sub = _dataclass_type(hints[k])
-        kwargs[k] = _build(sub, v, f"{where}{k}.") if sub is not None and isinstance(v, dict) else v
-    return cls(**kwargs)
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -218,7 +204,8 @@ def apply_override(data: dict, assignment: str) -> dict:
             raise ValueError(f"--set {key}: {p!r} is not a config section")
         node = node[p]
     if parts[-1] not in node:
-        raise ValueError(f"--set {key}: unknown key {parts[-1]!r}; valid: {sorted(node)}")
+        where = "".join(p + "." for p in parts[:-1])
+        raise ValueError(f"--set {key}: {unknown_key_error(parts[-1], node, where)}")
     new = _parse_value(value)
     old = node[parts[-1]]
     # A JSON object for a section updates that section's fields (the others keep their preset values).
@@ -267,7 +254,7 @@ def load_run_config(path: Optional[str | Path] = None, overrides: tuple[str, ...
     data = _merge(preset_defaults(preset, recipe), file_data)
     for o in overrides:
         apply_override(data, o)
-    return _build(RunConfig, data, "")
+    return build_config(RunConfig, data)
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from concept_ext.config.build import check_choices
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["SAEConfig", "TrainConfig", "MODELS", "V2_COEFFICIENTS", "V1_COEFFICIENTS", "PRESETS", "from_dict"]
+__all__ = ["SAEConfig", "TrainConfig", "MODELS", "V2_COEFFICIENTS", "V1_COEFFICIENTS", "PRESETS"]
 
 #: Hooked backbones: d_model and the hook layer L = n_layers - 1 (method.md sections 0 and 1.5).
 MODELS: dict[str, dict[str, int]] = {
@@ -86,17 +88,18 @@ class SAEConfig:
     """n: the first n latent indices form z_class, read by the classifier head."""
     n_classes: int = 2
     """C: number of classes of the classifier head (ignored by the plain TopK SAE)."""
-    architecture: str = "classif_topk"
+    architecture: Literal["classif_topk", "topk"] = "classif_topk"
     """``"classif_topk"`` (ClassifSAE: TopK SAE + linear head on z_class) or ``"topk"`` (plain TopK SAE)."""
-    normalize: str = "constant_norm_rescale"
+    normalize: Literal["constant_norm_rescale", "none"] = "constant_norm_rescale"
     """Input normalisation: ``"constant_norm_rescale"`` (x = h * sqrt(d)/||h||, inverted on the output) or
     ``"none"``."""
     seed: int = 42
     """Seed of the initialisation (method.md section 2.2: seed 42, draws in the reference's order)."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "float64"] = "float32"
     """Parameter dtype (the paper trains in fp32)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.m == 0:
             self.m = 2 * self.d
         for name in ("d", "m", "k"):
@@ -107,10 +110,6 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.k must be <= m (number of latents) = {self.m}, got k = {self.k}")
         if not 0 <= self.n_concepts <= self.m:
             raise ValueError(f"SAEConfig.n_concepts must lie in [0, m = {self.m}], got {self.n_concepts}")
-        if self.architecture not in ("classif_topk", "topk"):
-            raise ValueError(
-                f"SAEConfig.architecture must be 'classif_topk' or 'topk', got {self.architecture!r}"
-            )
         if self.architecture == "classif_topk":
             if self.n_concepts < 1:
                 raise ValueError(
@@ -118,12 +117,6 @@ class SAEConfig:
                 )
             if self.n_classes < 2:
                 raise ValueError(f"SAEConfig.n_classes must be >= 2 for a ClassifSAE, got {self.n_classes}")
-        if self.normalize not in ("constant_norm_rescale", "none"):
-            raise ValueError(
-                f"SAEConfig.normalize must be 'constant_norm_rescale' or 'none', got {self.normalize!r}"
-            )
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"SAEConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
     @classmethod
     def for_model(
@@ -139,7 +132,7 @@ class TrainConfig:
 
     preset_name: str = "paper-v2"
     """Name of the preset these values came from (recorded in checkpoints)."""
-    loss_version: str = "v2"
+    loss_version: Literal["v1", "v2"] = "v2"
     """``"v2"``: method.md 2.3 with the two-phase stop-gradient. ``"v1"``: input noise and the linear-decay
     weight of method.md section 8, no stop-gradient."""
     total_samples: int = 10_000_000
@@ -150,7 +143,7 @@ class TrainConfig:
     """Peak learning rate of Adam (no warmup)."""
     lr_end: float = 5e-7
     """Learning rate at the end of the cosine phase (the reference's 1% floor)."""
-    schedule: str = "paper"
+    schedule: Literal["paper", "cosine", "constant"] = "paper"
     """``"paper"``: cosine to lr_end then a linear tail of ``decay_steps`` steps (oddity 10);
     ``"cosine"``: plain cosine from lr to lr_end over T steps; ``"constant"``."""
     decay_steps: int = 2
@@ -171,10 +164,10 @@ class TrainConfig:
     """Weight of the classifier cross-entropy L_CE (ClassifSAE only)."""
     target_rate: float = 0.1
     """tau: each latent may fire freely on floor(tau * B) sentences of a batch (L_ar)."""
-    mse_normalization: str = "dense_batch"
+    mse_normalization: Literal["dense_batch", "fvu"] = "dense_batch"
     """``"dense_batch"``: squared error over the un-squared norm of the batch-centred target (oddity 9);
     ``"fvu"``: sum of squared errors over the total variance of the batch."""
-    dead_latents: str = "ghost"
+    dead_latents: Literal["ghost", "auxk", "none"] = "ghost"
     """``"ghost"`` (SAELens 3.13 ghost grads), ``"auxk"`` (method.md 2.7) or ``"none"``."""
     dead_window: int = 100
     """A latent is dead when it has not fired for more than this many steps."""
@@ -184,7 +177,7 @@ class TrainConfig:
     """Two-phase decoding: from epoch floor(E_total/2) on, decode from [sg(z_class), z_ctx] (v2)."""
     stopgrad_plain_sae: bool = False
     """Also apply the two-phase stop-gradient to the plain TopK SAE (the reference does, oddity 3)."""
-    center: str = "none"
+    center: Literal["none", "mean", "geometric_median"] = "none"
     """Pre-encoder centring (package decision, method.md 2.1): ``"none"`` (the reference: pre = x W_enc +
     b_enc), ``"mean"`` (pre = (x - mu) W_enc + b_enc with mu the mean of the rescaled training inputs, and
     b_dec initialised to mu) or ``"geometric_median"`` (mu the geometric median, Weiszfeld iterations).
@@ -222,30 +215,12 @@ class TrainConfig:
     """Free-form metadata carried into checkpoints (never read by the trainer)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON round trips give lists
-        if self.loss_version not in ("v1", "v2"):
-            raise ValueError(f"TrainConfig.loss_version must be 'v1' or 'v2', got {self.loss_version!r}")
         if self.batch_size < 1 or self.total_samples < self.batch_size:
             raise ValueError(
                 f"TrainConfig needs batch_size >= 1 and total_samples >= batch_size, got "
                 f"batch_size={self.batch_size}, total_samples={self.total_samples}"
-            )
-        if self.schedule not in ("paper", "cosine", "constant"):
-            raise ValueError(
-                f"TrainConfig.schedule must be 'paper', 'cosine' or 'constant', got {self.schedule!r}"
-            )
-        if self.mse_normalization not in ("dense_batch", "fvu"):
-            raise ValueError(
-                "TrainConfig.mse_normalization must be 'dense_batch' or 'fvu', "
-                f"got {self.mse_normalization!r}"
-            )
-        if self.center not in ("none", "mean", "geometric_median"):
-            raise ValueError(
-                f"TrainConfig.center must be 'none', 'mean' or 'geometric_median', got {self.center!r}"
-            )
-        if self.dead_latents not in ("ghost", "auxk", "none"):
-            raise ValueError(
-                f"TrainConfig.dead_latents must be 'ghost', 'auxk' or 'none', got {self.dead_latents!r}"
             )
         if not 0.0 <= self.target_rate <= 1.0:
             raise ValueError(f"TrainConfig.target_rate must lie in [0, 1], got {self.target_rate}")
@@ -315,16 +290,6 @@ class TrainConfig:
         vals["extra"] = {"model": model, "dataset": dataset, "method": method}
         vals.update(overrides)
         return cls(**vals)
-
-
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a config dataclass from a dict: unknown keys are dropped with a warning, missing ones take
-    their defaults (design.md section 8)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        logger.warning("ignoring unknown %s keys: %s", cls.__name__, unknown)
-    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def resolve_device(device: str) -> str:

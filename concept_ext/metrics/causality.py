@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from concept_ext.metrics.readout import (
-    ConceptModel, Readout, SelectedCode, bottleneck_vectors, decode_selected, encode_selected,
+    ReadoutModel, Readout, SelectedCode, bottleneck_vectors, decode_selected, encode_selected,
     protocol_name, rescale_to, row_norm,
 )
 
@@ -162,7 +162,7 @@ def _pairs_chunk(model, code: SelectedCode, s: int, e: int, target: Optional[Ten
 
 
 def conditional_ablation(
-    model: ConceptModel,
+    model: ReadoutModel,
     h: Tensor,  # [N, d] cached hidden states
     labels: Tensor,  # [N] ground-truth labels y
     readout: Readout,
@@ -316,7 +316,7 @@ def segment_order(acts: Tensor, segmentation: Sequence[int], n_classes: int) -> 
 
 
 def segment_ablation(
-    model: ConceptModel,
+    model: ReadoutModel,
     h: Tensor,  # [N, d]
     labels: Tensor,  # [N]
     readout: Readout,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from concept_ext.metrics.readout import (
-    ConceptModel, Readout, SelectedCode, bottleneck_vectors, encode_selected, protocol_name, row_norm,
+    ReadoutModel, Readout, SelectedCode, bottleneck_vectors, encode_selected, protocol_name, row_norm,
 )
 
 log = logging.getLogger("concept_ext")
@@ -130,7 +130,7 @@ def _check_inputs(h: Tensor, logits: Tensor, labels: Tensor) -> None:
 
 
 def completeness(
-    model: ConceptModel,
+    model: ReadoutModel,
     h: Tensor,  # [N, d] cached hidden states at the hook
     logits: Tensor,  # [N, C] full-model label logits o
     labels: Tensor,  # [N] ground-truth labels y

@@ -14,8 +14,8 @@ Both evaluate in large batches (default 8,192 vectors) under ``torch.no_grad``; 
 
 The rest of the file is the *bottleneck* shared by the completeness and causality metrics: encode the
 test set once, keep the selected concepts F (section 5), zero what must be zeroed, decode, and rescale to
-``||h||`` (section 3.1 step 2). Concept models are used through small protocols (:class:`ConceptModel`,
-:class:`SparseConceptModel`), never imported.
+``||h||`` (section 3.1 step 2). Concept models are used through small protocols (:class:`ReadoutModel`,
+:class:`SparseReadoutModel`), never imported.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def protocol_name(readout: Readout) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class ConceptModel(Protocol):
+class ReadoutModel(Protocol):
     """What the metrics use of a concept model (ICA, ConceptSHAP, HI-Concept, SAE, ClassifSAE)."""
 
     selected: Sequence[int]
@@ -126,7 +126,7 @@ class ConceptModel(Protocol):
         ...
 
 
-class SparseConceptModel(ConceptModel, Protocol):
+class SparseReadoutModel(ReadoutModel, Protocol):
     """An SAE-type model that also exposes its TopK code (enables the ``ablate_decode`` fast path)."""
 
     W_dec: Tensor  # [m, d]
@@ -157,7 +157,7 @@ class SelectedCode(NamedTuple):
     """``[N, k]`` sparse-code latent ids (SAE-type models only, else None)."""
 
 
-def _selected_tensor(model: ConceptModel, device: torch.device) -> Tensor:
+def _selected_tensor(model: ReadoutModel, device: torch.device) -> Tensor:
     sel = getattr(model, "selected", None)
     if sel is None:
         raise TypeError("model must have a `selected` attribute (the selected concept ids F)")
@@ -169,7 +169,7 @@ def _selected_tensor(model: ConceptModel, device: torch.device) -> Tensor:
     return sel
 
 
-def encode_selected(model: ConceptModel, h: Tensor, *, batch_size: int = 8192,  # h: [N, d]
+def encode_selected(model: ReadoutModel, h: Tensor, *, batch_size: int = 8192,  # h: [N, d]
                     use_sparse: bool = True) -> SelectedCode:
     """Encode ``h`` once (in batches), keep the selected columns; also cache the sparse code if any."""
     if h.dim() != 2:
@@ -206,7 +206,7 @@ def rescale_to(x: Tensor, target_norm: Tensor) -> Tensor:  # [B, d], [B] -> [B, 
     return x * (target_norm.to(norm.dtype) / (norm + RESCALE_EPS)).to(x.dtype)[:, None]
 
 
-def decode_selected(model: ConceptModel, code: SelectedCode, acts_sel: Tensor,  # [B, |F|]
+def decode_selected(model: ReadoutModel, code: SelectedCode, acts_sel: Tensor,  # [B, |F|]
                     *, batch_size: int = 8192) -> Tensor:
     """``model.reconstruct`` of rows whose only non-zero concepts are the selected ones (in batches)."""
     out = []
@@ -219,7 +219,7 @@ def decode_selected(model: ConceptModel, code: SelectedCode, acts_sel: Tensor,  
     return torch.cat(out)
 
 
-def bottleneck_vectors(model: ConceptModel, code: SelectedCode, rows: Tensor,  # [B] int64
+def bottleneck_vectors(model: ReadoutModel, code: SelectedCode, rows: Tensor,  # [B] int64
                        *, target_norm: Optional[Tensor], drop: Optional[Tensor] = None,  # [B], [|F|] bool
                        fast: bool = True) -> Tensor:
     """Reconstruction of ``rows`` from the selected concepts minus ``drop``, rescaled when asked.

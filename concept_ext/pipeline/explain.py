@@ -75,27 +75,23 @@ class Explanation:
 
 def explain(run_dir: str | Path, text: str, *, method: str = "ClassifSAE", seed: Optional[int] = None) -> Explanation:
     """Explain ``text`` with the fitted ``method`` of the finished run in ``run_dir``."""
-    from concept_ext.config.run import load_run_config
+    from concept_ext.pipeline.context import open_run
     from concept_ext.pipeline.methods import load_method
-    from concept_ext.pipeline.stages import Pipeline
     from concept_ext.runstate import read_record
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json); run `python -m concept_ext run` first")
-    cfg = load_run_config(run_dir / "config.json")
+    ctx = open_run(run_dir)
+    cfg = ctx.cfg
     if method not in cfg.methods:
         raise ValueError(f"method {method!r} was not part of this run; choose from {cfg.methods}")
     seed = cfg.seeds[0] if seed is None else seed
     fit_dir = run_dir / f"fit/{method}-s{seed}"
-    if read_record(fit_dir) is None or read_record(run_dir / "finetune") is None:
+    if read_record(fit_dir) is None:
         raise FileNotFoundError(f"{fit_dir} is not finished; run or resume the pipeline first")
-    p = Pipeline(cfg, run_dir, progress=False)
-    p.rec_finetune = read_record(run_dir / "finetune")
-    clf = p.classifier
+    clf = ctx.classifier
     pred = clf.predict([text], hidden=True)
     h, logits = pred.hidden, pred.logits[0]
-    model = load_method(p, method, fit_dir)
+    model = load_method(method, fit_dir)
     acts = model.encode(h)[0]  # [n_concepts]
     selected = list(model.selected)
     seg = list(model.segmentation or [])

@@ -21,7 +21,7 @@ import torch
 from concept_ext.runstate import float32_list
 
 if TYPE_CHECKING:  # pragma: no cover
-    from concept_ext.pipeline.stages import Pipeline
+    from concept_ext.pipeline.context import RunContext
 
 logger = logging.getLogger("concept_ext")
 
@@ -29,24 +29,24 @@ _BASELINE_KEYS = {"ICA": "ica", "ConceptSHAP": "conceptshap", "HI-Concept": "hic
 SAE_METHODS = ("ClassifSAE", "SAE")
 
 
-def _sae_configs(p: "Pipeline", method: str, seed: int):
+def _sae_configs(ctx: "RunContext", method: str, seed: int):
     from concept_ext.config.sae import SAEConfig
 
-    h = p.load_split("train").h
+    h = ctx.load_split("train").h
     d = int(h.shape[1])
     arch = "classif_topk" if method == "ClassifSAE" else "topk"
-    sae_cfg = SAEConfig(d=d, m=p.cfg.sae.expansion * d, k=p.cfg.sae.k, n_concepts=p.cfg.sae.n_concepts,
-                        n_classes=len(p.class_names), architecture=arch, seed=seed)
-    base = p.cfg.train_classifsae if method == "ClassifSAE" else p.cfg.train_sae
-    train_cfg = dataclasses.replace(base, seed=seed, device=p.device, progress=p.progress)
+    sae_cfg = SAEConfig(d=d, m=ctx.cfg.sae.expansion * d, k=ctx.cfg.sae.k, n_concepts=ctx.cfg.sae.n_concepts,
+                        n_classes=len(ctx.class_names), architecture=arch, seed=seed)
+    base = ctx.cfg.train_classifsae if method == "ClassifSAE" else ctx.cfg.train_sae
+    train_cfg = dataclasses.replace(base, seed=seed, device=ctx.device, progress=ctx.progress)
     return sae_cfg, train_cfg
 
 
-def _selection_inputs(p: "Pipeline"):
+def _selection_inputs(ctx: "RunContext"):
     """(h, labels) for the probe and the segmentation: the train split with the LLM-predicted labels by
     default; ``baselines.select`` can switch to the test split and/or ground-truth labels (oddity 4)."""
-    sel = p.cfg.baselines.select
-    split = p.load_split("test" if sel.selection_split == "test" else "train")
+    sel = ctx.cfg.baselines.select
+    split = ctx.load_split("test" if sel.selection_split == "test" else "train")
     return split.h, (split.label if sel.selection_labels == "ground_truth" else split.pred)
 
 
@@ -57,20 +57,20 @@ def load_sae(fit_dir: Path, device: str):
     return load_checkpoint(fit_dir / "sae", device=device).sae
 
 
-def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, Any]:
+def fit_method(ctx: "RunContext", method: str, seed: int, out: Path) -> dict[str, Any]:
     """Fit ``method`` with ``seed``; save the concept model under ``out/concepts`` (and ``out/sae``)."""
     from concept_ext.concepts import SAEConcepts, make_concept_model
     from concept_ext.concepts.select import apply_selection
 
-    train, test = p.load_split("train"), p.load_split("test")
-    n_classes = len(p.class_names)
+    train, test = ctx.load_split("train"), ctx.load_split("test")
+    n_classes = len(ctx.class_names)
     torch.manual_seed(seed)
     info: dict[str, Any] = {}
     if method in SAE_METHODS:
         from concept_ext.sae.trainer import train_sae
 
-        sae_cfg, train_cfg = _sae_configs(p, method, seed)
-        meta = {"model_id": p.cfg.backbone, "hook_layer": p.classifier.layer, "class_names": p.class_names}
+        sae_cfg, train_cfg = _sae_configs(ctx, method, seed)
+        meta = {"model_id": ctx.cfg.backbone, "hook_layer": ctx.classifier.layer, "class_names": ctx.class_names}
         res = train_sae(train.h, train.pred if method == "ClassifSAE" else None, sae_cfg, train_cfg,
                         out_dir=out / "sae_work", metadata=meta)
         from concept_ext.sae.checkpoint import save_checkpoint
@@ -85,11 +85,11 @@ def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, An
             info["live_class_history"] = [[int(r["step"]), int(r["live_class"])]
                                           for r in res.history if "live_class" in r]
         if method == "ClassifSAE":
-            model = SAEConcepts(res.sae, selection="truncation", n_select=p.cfg.sae.n_concepts)
+            model = SAEConcepts(res.sae, selection="truncation", n_select=ctx.cfg.sae.n_concepts)
         else:
-            probe = dataclasses.replace(p.cfg.baselines.probe, n_select=p.cfg.sae.n_concepts)
-            model = SAEConcepts(res.sae, selection="probe", n_select=p.cfg.sae.n_concepts, probe=probe)
-            sel_h, sel_y = _selection_inputs(p)
+            probe = dataclasses.replace(ctx.cfg.baselines.probe, n_select=ctx.cfg.sae.n_concepts)
+            model = SAEConcepts(res.sae, selection="probe", n_select=ctx.cfg.sae.n_concepts, probe=probe)
+            sel_h, sel_y = _selection_inputs(ctx)
             if int(torch.unique(sel_y).numel()) < 2:
                 raise ValueError(
                     "SAE probe selection needs at least two classes among the selection labels, but the "
@@ -98,8 +98,8 @@ def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, An
             model.fit(sel_h, labels=sel_y)
     else:
         key = _BASELINE_KEYS[method]
-        n = p.cfg.sae.n_concepts  # |F| is the same for every method (the paper: 20)
-        cfg = getattr(p.cfg.baselines, key)
+        n = ctx.cfg.sae.n_concepts  # |F| is the same for every method (the paper: 20)
+        cfg = getattr(ctx.cfg.baselines, key)
         cfg = (dataclasses.replace(cfg, n_components=n, random_state=seed) if method == "ICA"
                else dataclasses.replace(cfg, n_concepts=n, seed=seed))
         model = make_concept_model(key, cfg)
@@ -107,11 +107,11 @@ def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, An
         if method != "ICA":
             from concept_ext.classifier.tail import SingleTokenTail
 
-            tail = SingleTokenTail(p.classifier, freeze=True)
-        model.fit(train.h.to(p.device) if method != "ICA" else train.h, labels=train.pred, tail=tail)
-    seg_h, seg_y = _selection_inputs(p)
+            tail = SingleTokenTail(ctx.classifier, freeze=True)
+        model.fit(train.h.to(ctx.device) if method != "ICA" else train.h, labels=train.pred, tail=tail)
+    seg_h, seg_y = _selection_inputs(ctx)
     sel = apply_selection(model, test.h, seg_h=seg_h, seg_labels=seg_y, n_classes=n_classes,
-                          config=p.cfg.baselines.select)
+                          config=ctx.cfg.baselines.select)
     model.save(out / "concepts")
     info.update({"selected": list(map(int, model.selected)), "dropped": list(map(int, model.dropped)),
                  "n_selected": len(model.selected)})
@@ -119,7 +119,7 @@ def fit_method(p: "Pipeline", method: str, seed: int, out: Path) -> dict[str, An
     return info
 
 
-def load_method(p: "Pipeline", method: str, fit_dir: Path):
+def load_method(method: str, fit_dir: Path):
     """Reload a fitted concept model from its fit folder."""
     from concept_ext.concepts.base import load_concept_model
 
@@ -128,58 +128,55 @@ def load_method(p: "Pipeline", method: str, fit_dir: Path):
     return load_concept_model(fit_dir / "concepts")
 
 
-def _readout(p: "Pipeline", protocol: str):
+def _readout(ctx: "RunContext", protocol: str):
     from concept_ext.metrics import ContextReadout, TailReadout
     from concept_ext.classifier.tail import ContextTail, SingleTokenTail
 
     if protocol == "tail":
-        return TailReadout(SingleTokenTail(p.classifier, freeze=True), batch_size=p.cfg.eval.readout_batch,
-                           progress=p.progress)
-    # One ContextTail per pipeline: its clean pass and its block states (kept within the LRU's byte
+        return TailReadout(SingleTokenTail(ctx.classifier, freeze=True), batch_size=ctx.cfg.eval.readout_batch,
+                           progress=ctx.progress)
+    # One ContextTail per run context: its clean pass and its block states (kept within the LRU's byte
     # budget) are the same for every method and seed, so sharing it saves full-model forwards.
-    ctx = getattr(p, "_context_tail", None)
-    if ctx is None:
-        ctx = ContextTail(p.classifier, p.load_split("test").texts)
-        p._context_tail = ctx
-    return ContextReadout(ctx, batch_size=p.cfg.eval.readout_batch, progress=p.progress)
+    tail = ctx.shared("context_tail", lambda: ContextTail(ctx.classifier, ctx.load_split("test").texts))
+    return ContextReadout(tail, batch_size=ctx.cfg.eval.readout_batch, progress=ctx.progress)
 
 
-def evaluate_method(p: "Pipeline", method: str, seed: int, fit_dir: Path) -> dict[str, Any]:
+def evaluate_method(ctx: "RunContext", method: str, seed: int, fit_dir: Path) -> dict[str, Any]:
     """Every metric of method.md section 6 for one fitted method (JSON-ready dict)."""
     from concept_ext import metrics as M
     from concept_ext.metrics.text import tfidf_top_terms
 
-    model = load_method(p, method, fit_dir)
-    test = p.load_split("test")
+    model = load_method(method, fit_dir)
+    test = ctx.load_split("test")
     h, logits, labels = test.h, test.logits, test.label
     code = M.encode_selected(model, h)
     out: dict[str, Any] = {"method": method, "seed": seed, "n_selected": len(model.selected),
                            "selected": [int(i) for i in model.selected],
                            "dropped": [int(i) for i in getattr(model, "dropped", [])],
                            "segmentation": [int(c) for c in (model.segmentation or [])], "protocols": {}}
-    for protocol in p.cfg.protocols:
-        readout = _readout(p, protocol)
+    for protocol in ctx.cfg.protocols:
+        readout = _readout(ctx, protocol)
         comp = M.completeness(model, h, logits, labels, readout, code=code)
         cond = M.conditional_ablation(model, h, labels, readout, code=code)
-        seg = M.segment_ablation(model, h, labels, readout, n_classes=len(p.class_names), code=code) if (
-            p.cfg.eval.segment_ablation and model.segmentation is not None) else None
+        seg = M.segment_ablation(model, h, labels, readout, n_classes=len(ctx.class_names), code=code) if (
+            ctx.cfg.eval.segment_ablation and model.segmentation is not None) else None
         out["protocols"][protocol] = {"completeness": comp.to_dict(), "conditional": cond.to_dict(),
                                       "segment": seg.to_dict() if seg is not None else None}
     acts = code.acts.float()  # [N, |F|]
-    emb = p.embeddings()
+    emb = ctx.embeddings()
     sets = M.activating_sets(acts)
     interp = {"concept_sim": M.concept_sim(acts, emb, sets=sets).to_dict(),
               "sentence_sim": M.sentence_sim(acts, emb).to_dict(),
               "overlap": M.set_overlap(sets.mask).to_dict(),
-              "top_sentences": M.top_activating(acts, sets.mask, k=p.cfg.eval.top_sentences,
+              "top_sentences": M.top_activating(acts, sets.mask, k=ctx.cfg.eval.top_sentences,
                                                 texts=test.texts).to_dict()}
     try:
-        interp["tfidf"] = tfidf_top_terms(acts, sets.mask, test.texts, top_k=p.cfg.eval.tfidf_terms).to_dict()
+        interp["tfidf"] = tfidf_top_terms(acts, sets.mask, test.texts, top_k=ctx.cfg.eval.tfidf_terms).to_dict()
     except ValueError as exc:  # e.g. an empty vocabulary on tiny test slices
         logger.warning("%s: TF-IDF terms unavailable (%s)", method, exc)
         interp["tfidf"] = None
     out["interpret"] = interp
-    n_classes = len(p.class_names)
+    n_classes = len(ctx.class_names)
     means = torch.stack([acts[labels == c].mean(0) if bool((labels == c).any()) else torch.zeros(acts.shape[1])
                          for c in range(n_classes)]) if acts.shape[1] else torch.zeros((n_classes, 0))
     out["class_concept_means"] = float32_list(means)

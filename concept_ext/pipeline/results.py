@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from concept_ext.config.run import METHODS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from concept_ext.pipeline.stages import Pipeline
+    from concept_ext.pipeline.context import RunContext
+    from concept_ext.runstate import StageRecord
 
 # (path inside a method's results, as a tuple of keys) of every headline number aggregated over seeds.
 _HEADLINE = [
@@ -78,27 +79,31 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
     return out
 
 
-def assemble_results(p: "Pipeline") -> dict[str, Any]:
-    """The ``metrics.json`` dictionary of a finished run (see ``concept_ext.report.markdown``)."""
+def assemble_results(ctx: "RunContext", records: Mapping[str, "StageRecord"]) -> dict[str, Any]:
+    """The ``metrics.json`` dictionary of a finished run (see ``concept_ext.report.markdown``).
+
+    ``records``: stage name -> its ``stage.json`` record, for ``finetune`` and ``cache`` at least; every
+    record's duration goes into the run's timings, in the mapping's order."""
     from concept_ext.metrics import mean_pairwise_cosine
 
     methods: dict[str, Any] = {}
-    for method in [m for m in METHODS if m in p.cfg.methods]:
-        per_seed = [json.loads((p.out / f"evaluate/{method}-s{s}" / "results.json").read_text()) for s in p.cfg.seeds]
+    for method in [m for m in METHODS if m in ctx.cfg.methods]:
+        per_seed = [json.loads((ctx.out / f"evaluate/{method}-s{s}" / "results.json").read_text())
+                    for s in ctx.cfg.seeds]
         methods[method] = aggregate_seeds(per_seed)
-    ft = p.rec_finetune.extra
-    test = p.load_split("test")
+    ft, rows = records["finetune"].extra, records["cache"].extra["rows"]
+    test = ctx.load_split("test")
     test_acc = float((test.pred == test.label).float().mean()) if len(test.label) else None
     return {
-        "run": {"backbone": p.cfg.backbone, "dataset": p.cfg.dataset, "class_names": p.class_names,
-                "preset": p.cfg.preset, "protocols": list(p.cfg.protocols), "config": p.cfg.to_dict(),
-                "timings": dict(p.timings), "device": p.device, "seeds": list(p.cfg.seeds),
-                "hook_layer": p.classifier.layer},
+        "run": {"backbone": ctx.cfg.backbone, "dataset": ctx.cfg.dataset, "class_names": ctx.class_names,
+                "preset": ctx.cfg.preset, "protocols": list(ctx.cfg.protocols), "config": ctx.cfg.to_dict(),
+                "timings": {name: rec.seconds for name, rec in records.items()}, "device": ctx.device,
+                "seeds": list(ctx.cfg.seeds), "hook_layer": ctx.classifier.layer},
         # Test accuracy over the whole cached test split (the fine-tuning log may use a capped subset).
         "classifier": {"train_accuracy": ft.get("train_accuracy"), "test_accuracy": test_acc,
-                       "n_train": p.rec_cache.extra["rows"]["train"], "n_test": p.rec_cache.extra["rows"]["test"],
+                       "n_train": rows["train"], "n_test": rows["test"],
                        "n_train_eval": ft.get("n_train_eval"),
                        "finetune_steps": ft.get("steps")},
-        "baseline_cosine": mean_pairwise_cosine(p.embeddings()).to_dict(),
+        "baseline_cosine": mean_pairwise_cosine(ctx.embeddings()).to_dict(),
         "methods": methods,
     }

@@ -37,19 +37,17 @@ import torch
 
 from concept_ext import distributed, runstate
 from concept_ext.config.run import METHODS, RunConfig
+from concept_ext.pipeline.context import RunContext, load_classifier, resolve_device
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["Pipeline", "run", "STAGES"]
+__all__ = ["Pipeline", "run", "STAGES", "UPTO"]
 
 #: Stage names accepted by ``force``.
 STAGES = ("finetune", "cache", "embed", "fit", "evaluate", "report")
 
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+#: Where :meth:`Pipeline.run` may stop, in stage order (the CLI's pipeline commands; its ``train`` is ``fit``).
+UPTO = ("finetune", "cache", "fit", "evaluate", "report")
 
 
 class Pipeline:
@@ -70,10 +68,10 @@ class Pipeline:
         self.out = Path(out)
         self.force = set(force)
         self.progress = progress
-        self.device = _device(config.device)
+        self.device = resolve_device(config.device)
         self.timings: dict[str, float] = {}
-        self._clf = None
-        self._caches: dict[str, Any] = {}
+        self._ctx: Optional[RunContext] = None
+        self._ctx_key: Optional[tuple] = None  # (fingerprint, finished_at) of the finetune record it was built from
         self.out.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             runstate.clean_stale_tmp(self.out)
@@ -131,6 +129,35 @@ class Pipeline:
         """What a downstream stage depends on: the upstream fingerprint and when it last finished."""
         return [rec.fingerprint, rec.finished_at]
 
+    def record(self, stage: str) -> runstate.StageRecord:
+        """The ``stage.json`` record of a finished stage, read from disk (rank 0's, on every rank): a stage
+        depends on its upstream stages' records, never on which stage methods ran in this process.
+
+        Raises FileNotFoundError naming the stage when it has not finished."""
+        from concept_ext.pipeline.context import require_record
+
+        main = distributed.is_main()
+        rec = None
+        if main:
+            try:
+                rec = require_record(self.out, stage)
+            except FileNotFoundError as exc:
+                rec = exc
+        rec = distributed.broadcast_object(rec)  # collective: every rank gets rank 0's answer
+        if isinstance(rec, FileNotFoundError):
+            raise rec
+        return rec
+
+    def context(self) -> RunContext:
+        """The :class:`RunContext` the concept methods read (rebuilt when the finetune record changes, so
+        its loaded classifier and caches are never those of an earlier fine-tuning)."""
+        ft = self.record("finetune")
+        if self._ctx is None or self._ctx_key != (ft.fingerprint, ft.finished_at):
+            self._ctx = RunContext(cfg=self.cfg, out=self.out, device=self.device, progress=self.progress,
+                                   class_names=list(ft.extra["class_names"]))
+            self._ctx_key = (ft.fingerprint, ft.finished_at)
+        return self._ctx
+
     # ------------------------------------------------------------------------------------------------
     # Data and classifier
     # ------------------------------------------------------------------------------------------------
@@ -141,16 +168,6 @@ class Pipeline:
         rows = self.cfg.train_rows if split == "train" else self.cfg.test_rows
         return load_dataset(self.cfg.dataset, split, class_names=self.cfg.class_names, max_rows=rows)
 
-    def _load_classifier(self, model_dir: Optional[Path], class_names: list[str]):
-        from concept_ext.classifier.backbones import load_backbone
-        from concept_ext.classifier.model import Classifier
-
-        src = str(model_dir) if model_dir is not None else self.cfg.backbone
-        overrides = self.cfg.config_overrides if model_dir is None else None
-        bb = load_backbone(src, num_labels=len(class_names), device=self.device, config_overrides=overrides,
-                           seed=self.cfg.seeds[0])
-        return Classifier(bb, class_names, layer=self.cfg.cache.layer, prompt=self.cfg.cache.prompt)
-
     def finetune(self) -> runstate.StageRecord:
         """Fine-tune the backbone into a classifier (or keep it as is with ``finetune.steps = 0``)."""
 
@@ -158,7 +175,7 @@ class Pipeline:
             from concept_ext.classifier.finetune import accuracy, finetune
 
             train, test = self._dataset("train"), self._dataset("test")
-            clf = self._load_classifier(None, train.class_names)
+            clf = load_classifier(self.cfg, self.device, None, train.class_names)
             model_dir = d / "model"
             if self.cfg.finetune.steps > 0:
                 res = finetune(clf, train, config=self.cfg.finetune, test=test, out_dir=d / "work",
@@ -186,53 +203,34 @@ class Pipeline:
         ft = {k: v for k, v in dataclasses.asdict(self.cfg.finetune).items() if k != "parallel"}
         inputs = [self.cfg.backbone, self.cfg.config_overrides, self.cfg.dataset, self.cfg.class_names,
                   self.cfg.train_rows, self.cfg.test_rows, ft, self.cfg.cache.prompt, self.cfg.seeds[0]]
-        self.rec_finetune = self._stage("finetune", "finetune", inputs, fn)
-        return self.rec_finetune
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.rec_finetune.extra["class_names"])
-
-    @property
-    def classifier(self):
-        if self._clf is None:
-            self._clf = self._load_classifier(self.out / "finetune" / "model", self.class_names)
-        return self._clf
+        return self._stage("finetune", "finetune", inputs, fn)
 
     def cache(self) -> runstate.StageRecord:
         """One batched pass per split -> activation caches (resumable inside the stage)."""
+        ctx = self.context()
 
         def fn(d: Path) -> dict:
             from concept_ext.cache.activations import build_cache
 
             sizes = {}
             for split in ("train", "test"):
-                handle = build_cache(self.classifier, self._dataset(split), split, out_dir=d / split,
+                handle = build_cache(ctx.classifier, self._dataset(split), split, out_dir=d / split,
                                      config=self.cfg.cache, device=self.device, progress=self.progress)
                 sizes[split] = handle.n_rows
             return {"rows": sizes}
 
-        self.rec_cache = self._stage("cache", "cache", [self._token(self.rec_finetune), self.cfg.cache], fn)
-        return self.rec_cache
-
-    def load_split(self, split: str):
-        """The cached split (loaded once per pipeline)."""
-        if split not in self._caches:
-            from concept_ext.cache.activations import load_cache
-
-            self._caches[split] = load_cache(self.out / "cache" / split, classifier=self.classifier if split == "test"
-                                             else None)
-        return self._caches[split]
+        return self._stage("cache", "cache", [self._token(self.record("finetune")), self.cfg.cache], fn)
 
     def embed(self) -> runstate.StageRecord:
         """Sentence-encoder embeddings of the test texts (normalised, float32)."""
+        ctx = self.context()
 
         def fn(d: Path) -> dict:
             from safetensors.torch import save_file
 
             from concept_ext.cache.embed import embed_texts
 
-            texts = self.load_split("test").texts
+            texts = ctx.load_split("test").texts
             e = embed_texts(texts, model_name=self.cfg.eval.encoder, batch_size=self.cfg.eval.embed_batch_size,
                             device=self.device, show_progress=self.progress)
             tmp = d / ".embeddings.tmp"
@@ -240,13 +238,7 @@ class Pipeline:
             tmp.replace(d / "embeddings.safetensors")
             return {"n": int(e.shape[0]), "dim": int(e.shape[1])}
 
-        self.rec_embed = self._stage("embed", "embed", [self._token(self.rec_cache), self.cfg.eval.encoder], fn)
-        return self.rec_embed
-
-    def embeddings(self) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.out / "embed" / "embeddings.safetensors"))["embeddings"]
+        return self._stage("embed", "embed", [self._token(self.record("cache")), self.cfg.eval.encoder], fn)
 
     # ------------------------------------------------------------------------------------------------
     # Concept methods
@@ -270,25 +262,29 @@ class Pipeline:
         from concept_ext.pipeline.methods import fit_method
 
         name = f"fit/{method}-s{seed}"
+        ctx = self.context()
 
         def fn(d: Path) -> dict:
-            return fit_method(self, method, seed, d)
+            return fit_method(ctx, method, seed, d)
 
-        return self._stage(name, "fit", [self._token(self.rec_cache), self._method_config(method), seed], fn,
+        return self._stage(name, "fit", [self._token(self.record("cache")), self._method_config(method), seed], fn,
                            scratch_for_others=True)
 
-    def evaluate(self, method: str, seed: int, fit_rec: runstate.StageRecord) -> runstate.StageRecord:
-        """Every metric for one fitted method under each readout protocol."""
+    def evaluate(self, method: str, seed: int) -> runstate.StageRecord:
+        """Every metric for one fitted method under each readout protocol (its fit and the embeddings must
+        have finished: their records are read from disk)."""
         from concept_ext.pipeline.methods import evaluate_method
 
         name = f"evaluate/{method}-s{seed}"
+        ctx = self.context()
 
         def fn(d: Path) -> dict:
-            res = evaluate_method(self, method, seed, self.out / f"fit/{method}-s{seed}")
+            res = evaluate_method(ctx, method, seed, self.out / f"fit/{method}-s{seed}")
             runstate.atomic_write_json(d / "results.json", res)
             return {"protocols": list(res.get("protocols", {}))}
 
-        inputs = [self._token(fit_rec), self._token(self.rec_embed), self.cfg.eval, self.cfg.protocols]
+        fit_rec, embed_rec = self.record(f"fit/{method}-s{seed}"), self.record("embed")
+        inputs = [self._token(fit_rec), self._token(embed_rec), self.cfg.eval, self.cfg.protocols]
         return self._stage(name, "evaluate", inputs, fn)
 
     def tasks(self) -> list[tuple[str, int]]:
@@ -312,16 +308,13 @@ class Pipeline:
             if distributed.is_main():
                 with distributed.local():
                     self.embed()
-            distributed.barrier(group=wait)
-            if not distributed.is_main():
-                with distributed.local():
-                    self.embed()  # rank 0's record is up to date: only sets self.rec_embed
+            distributed.barrier(group=wait)  # the evaluations below read the embed record from disk
         with distributed.local():
             for method, seed in mine:
                 logger.info("task %s-s%d on rank %d of %d", method, seed, rank, world)
-                fit_rec = self.fit(method, seed)
+                self.fit(method, seed)
                 if evaluate:
-                    self.evaluate(method, seed, fit_rec)
+                    self.evaluate(method, seed)
         distributed.barrier(group=wait)  # every task's stage record is written
         return mine
 
@@ -329,25 +322,61 @@ class Pipeline:
     # Everything
     # ------------------------------------------------------------------------------------------------
 
-    def run(self) -> Path:
-        """Run or resume every stage; returns the path of ``report.md``."""
-        runstate.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
-        self.finetune()
-        self.cache()
-        self.embed()
-        eval_recs = []
-        for method in [m for m in METHODS if m in self.cfg.methods]:
-            for seed in self.cfg.seeds:
-                fit_rec = self.fit(method, seed)
-                eval_recs.append(self.evaluate(method, seed, fit_rec))
-        return self.report(eval_recs)
+    def run(self, upto: str = "report") -> Optional[Path]:
+        """Run or resume every stage in order, up to and including ``upto`` (one of :data:`UPTO`).
 
-    def report(self, eval_recs: list[runstate.StageRecord]) -> Path:
-        """metrics.json + report.md + figures, from every evaluation's results."""
+        The one stage sequence: the CLI's pipeline commands, :func:`run` and torchrun jobs all come here.
+        ``config.json`` is written first, so a run folder is usable (``explain``) as soon as its fits are.
+        Under torchrun the SAE fits run data-parallel on every rank (``fit_parallel="data"``) or every
+        (method, seed) task is dealt out to the ranks (``"tasks"``, :meth:`fit_tasks`); then the other ranks
+        leave and rank 0 runs the rest single-process (finished stages are skipped by their records).
+
+        Returns the path of ``report.md`` when this call wrote the report (rank 0), else None."""
+        if upto not in UPTO:
+            raise ValueError(f"upto: unknown stage {upto!r}; choose from {list(UPTO)}")
+        cut = UPTO.index(upto)
+        if distributed.is_main():
+            runstate.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+        self.finetune()
+        if cut < UPTO.index("cache"):
+            return None
+        self.cache()
+        if cut < UPTO.index("fit"):
+            return None
+        evaluate = cut >= UPTO.index("evaluate")
+        if distributed.enabled():
+            if self.cfg.fit_parallel == "tasks":
+                self.fit_tasks(evaluate=evaluate)
+            else:  # data-parallel SAE training on every rank; the baselines run on rank 0 below
+                from concept_ext.pipeline.methods import SAE_METHODS
+
+                for method, seed in self.tasks():
+                    if method in SAE_METHODS:
+                        self.fit(method, seed)
+            main = distributed.is_main()
+            distributed.shutdown()
+            if not main:
+                return None
+        if evaluate:
+            self.embed()
+        for method, seed in self.tasks():
+            self.fit(method, seed)
+            if evaluate:
+                self.evaluate(method, seed)
+        if cut < UPTO.index("report"):
+            return None
+        return self.report()
+
+    def report(self) -> Path:
+        """metrics.json + report.md + figures, from every evaluation's results (every stage before the
+        report must have finished: their records are read from disk)."""
         from concept_ext.report.markdown import write_report
         from concept_ext.pipeline.results import assemble_results
 
-        results = assemble_results(self)
+        names = ["finetune", "cache", "embed"] + [f"{kind}/{m}-s{s}" for m, s in self.tasks()
+                                                  for kind in ("fit", "evaluate")]
+        records = {name: self.record(name) for name in names}
+        results = assemble_results(self.context(), records)
         results["run"]["versions"] = _versions()
         runstate.atomic_write_json(self.out / "metrics.json", results)
         t0 = time.perf_counter()
@@ -369,6 +398,7 @@ def _versions() -> dict[str, str]:
 
 
 def run(config: Optional[RunConfig] = None, out: str | Path = "runs/default", *, force: Sequence[str] = (),
-        progress: bool = True) -> Path:
-    """Run the whole pipeline (see the module docstring); returns the path of ``report.md``."""
-    return Pipeline(config if config is not None else RunConfig(), out, force=force, progress=progress).run()
+        progress: bool = True, upto: str = "report") -> Optional[Path]:
+    """Run the pipeline up to ``upto`` (see :meth:`Pipeline.run`); returns the path of ``report.md`` (None
+    when stopped before the report)."""
+    return Pipeline(config if config is not None else RunConfig(), out, force=force, progress=progress).run(upto)

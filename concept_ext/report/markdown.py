@@ -409,10 +409,10 @@ def write_report(run_dir: Path, results: dict) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m concept_ext.report.markdown RUN_DIR``: rebuild the report from ``RUN_DIR/metrics.json``."""
+    """``python -m concept_ext.report RUN_DIR``: rebuild the report from ``RUN_DIR/metrics.json``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        sys.stderr.write("usage: python -m concept_ext.report.markdown RUN_DIR\n")
+        sys.stderr.write("usage: python -m concept_ext.report RUN_DIR\n")
         return 2
     run_dir = Path(args[0])
     results = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))

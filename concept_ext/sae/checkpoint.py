@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from concept_ext.config.sae import SAEConfig, TrainConfig, from_dict
+from concept_ext.config.build import build_config
+from concept_ext.config.sae import SAEConfig, TrainConfig
 from concept_ext.sae.model import TopKSAE, build_sae
 
 __all__ = [
@@ -188,6 +189,14 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _config(path: Path, cls: type, data: dict, where: str) -> Any:
+    """A config section of ``path/cfg.json`` (the one builder's rule: an unknown key names the file)."""
+    try:
+        return build_config(cls, dict(data), where=where)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {str(path)!r}: cfg.json: {exc}") from None
+
+
 def load_checkpoint(
     path: PathLike,
     *,
@@ -203,7 +212,7 @@ def load_checkpoint(
     """
     path = Path(path)
     doc = _read_cfg(path)
-    cfg = from_dict(SAEConfig, dict(doc["sae"]))
+    cfg = _config(path, SAEConfig, doc["sae"], "sae.")
     for key in ("d", "m", "k", "n_concepts", "architecture"):
         if doc.get(key) != getattr(cfg, key):
             raise ValueError(
@@ -243,7 +252,7 @@ def load_checkpoint(
     if centred:
         sae.set_center(tensors["center"])
     sae.to(device)
-    train_cfg = from_dict(TrainConfig, dict(doc["train"])) if doc.get("train") else None
+    train_cfg = _config(path, TrainConfig, doc["train"], "train.") if doc.get("train") else None
     firing = None
     firing_file = path / "firing.safetensors"
     if firing_file.exists():

@@ -12,6 +12,10 @@ captured work or held in device tensors:
   (``sae_losses(static=True)``), the firing counters, backward, the W_dec gradient projection, clipping
   and a capturable Adam step, plus a record of the first step whose loss is not finite.
 
+The graph step only captures and replays: the trainer plans each step (:class:`~concept_ext.sae.step.StepPlan`:
+batch ids, phase, weight, learning rate) and closes it (step count, last batch) exactly as for the eager
+step; :class:`GraphStep` holds no reference to the trainer and writes none of its state.
+
 So a replayed step makes no host synchronisation; :meth:`GraphStep.check` (one synchronisation) runs at
 log steps, before every checkpoint and at the end, and raises ``FloatingPointError`` naming the first
 bad step. Each (batch rows, stop-gradient phase) pair gets its own graph: oddity 19's alternating
@@ -30,16 +34,17 @@ every step, where the eager step's costs ``[B, |D|]`` and only when some latent 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from concept_ext import ops
+from concept_ext.config.sae import TrainConfig
 from concept_ext.sae.losses import LossOutput, LossTerms, sae_losses
-
-if TYPE_CHECKING:
-    from concept_ext.sae.trainer import Trainer
+from concept_ext.sae.model import TopKSAE
+from concept_ext.sae.state import FiringTracker
+from concept_ext.sae.step import StepPlan, update_weights
 
 __all__ = ["GraphStep", "WARMUP_STEPS"]
 
@@ -68,14 +73,25 @@ class _Slot:
 
 
 class GraphStep:
-    """Runs :class:`Trainer` steps as CUDA graph replays (eagerly, with the same code, on CPU)."""
+    """Runs training steps as CUDA graph replays (eagerly, with the same code, on CPU).
 
-    def __init__(self, trainer: "Trainer") -> None:
-        self.trainer = trainer
-        dev, dt = trainer.device, trainer.sae.W_enc.dtype
+    Args:
+        sae: the module being trained (its parameters are the graph's).
+        opt: its Adam optimiser (capturable on CUDA: see ``Trainer``).
+        cfg: the recipe.
+        firing: the firing counters, updated inside the step.
+        with_labels: whether batches carry labels (a ClassifSAE, or a plain SAE given labels).
+    """
+
+    def __init__(self, sae: TopKSAE, opt: torch.optim.Optimizer, cfg: TrainConfig, firing: FiringTracker, *,
+                 with_labels: bool) -> None:
+        self.sae, self.opt, self.cfg, self.firing = sae, opt, cfg, firing
+        self.with_labels = with_labels
+        dev, dt = sae.W_enc.device, sae.W_enc.dtype
+        self.device = dev
         self.capture = dev.type == "cuda"
         #: The step's learning rate, read by the capturable Adam on CUDA (0-dim, the parameters' dtype).
-        self.lr = torch.tensor(trainer.cfg.lr, dtype=dt, device=dev)
+        self.lr = torch.tensor(cfg.lr, dtype=dt, device=dev)
         #: v1's decay weight w(e) of the step (0-dim).
         self.weight = torch.ones((), dtype=dt, device=dev)
         #: The trainer's step count, advanced inside the step (0-dim int64).
@@ -85,11 +101,12 @@ class GraphStep:
         self.bad_terms = torch.zeros(len(LossTerms._fields), dtype=torch.float32, device=dev)
         self.slots: dict[tuple[int, bool], _Slot] = {}
 
-    def reset(self) -> None:
+    def reset(self, step: int) -> None:
         """Forget the captured graphs (after the optimiser state or the weights were replaced), set the
-        device step count to the trainer's and clear the non-finite record (a reloaded state is clean)."""
+        device step count to ``step`` (the trainer's) and clear the non-finite record (a reloaded state is
+        clean)."""
         self.slots.clear()
-        self.step_t.fill_(self.trainer.step)
+        self.step_t.fill_(step)
         self.bad_step.fill_(-1)
 
     # ---------------------------------------------------------------------------------------------
@@ -100,40 +117,38 @@ class GraphStep:
             for old in [kk for kk in self.slots if not kk[1]]:
                 del self.slots[old]
         if key not in self.slots:
-            t = self.trainer
-            d, dev, dt = t.sae.d, t.device, t.h.dtype
+            d, dev, dt = self.sae.d, self.device, self.sae.W_enc.dtype  # the trainer holds h in this dtype
             self.slots[key] = _Slot(
                 h=torch.empty((rows, d), dtype=dt, device=dev),
-                labels=torch.empty(rows, dtype=torch.long, device=dev) if t.labels is not None else None,
-                noise=torch.empty((rows, d), dtype=dt, device=dev) if t.cfg.input_noise > 0 else None,
+                labels=torch.empty(rows, dtype=torch.long, device=dev) if self.with_labels else None,
+                noise=torch.empty((rows, d), dtype=dt, device=dev) if self.cfg.input_noise > 0 else None,
                 stopgrad=stopgrad,
             )
         return self.slots[key]
 
     def _body(self, slot: _Slot) -> None:
         """Steps (1)-(6) of method.md 2.4 on the slot's buffers: what the graph holds."""
-        t = self.trainer
-        cfg, sae = t.cfg, t.sae
+        cfg, sae = self.cfg, self.sae
         with ops.unchecked():  # validated activations, ids from topk_encode: no per-call host checks
             sae.normalize_decoder()  # (1)
-            dead = t.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
+            dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
             out = sae_losses(sae, slot.h, slot.labels, cfg, dead_mask=dead, stopgrad_class=slot.stopgrad,
                              loss_weight=self.weight, static=True, noise=slot.noise)  # (2)
             with torch.no_grad():
-                t.firing.count(out.values, out.indices)
+                self.firing.count(out.values, out.indices)
                 terms = torch.stack([v.detach().float() for v in out.terms])  # [6]
                 first = ~torch.isfinite(terms[0]) & (self.bad_step < 0)
                 self.bad_step.copy_(torch.where(first, self.step_t, self.bad_step))
                 self.bad_terms.copy_(torch.where(first, terms, self.bad_terms))
                 self.step_t.add_(1)
-            t._update(out.terms.total)  # (3)-(6)
+            update_weights(sae, self.opt, cfg, out.terms.total)  # (3)-(6)
         slot.out = LossOutput(LossTerms(*(v.detach() for v in out.terms)), out.h_hat.detach(),
                               out.values.detach(), out.indices.detach(),
                               None if out.logits is None else out.logits.detach())
 
     def _run_cuda(self, slot: _Slot) -> None:
         # Called inside torch.cuda.device(the trainer's device): "current" below is that device's.
-        dev = self.trainer.device
+        dev = self.device
         if slot.graph is not None:
             slot.graph.replay()
             return
@@ -150,7 +165,7 @@ class GraphStep:
             slot.warm += 1
             return
         graph = torch.cuda.CUDAGraph()
-        self.trainer.opt.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
+        self.opt.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
         try:
             # An explicit capture stream on the trainer's device: torch.cuda.graph's default one is made
             # once, on whichever device was current the first time.
@@ -164,44 +179,41 @@ class GraphStep:
         slot.graph = graph
         graph.replay()  # ... which runs it
 
-    def step(self) -> LossOutput:
-        """One training step (the trainer's host-side bookkeeping included)."""
-        t = self.trainer
-        cfg = t.cfg
-        t.epochs.advance(cfg.batch_size)
-        rows = t._rows()
-        idx = t.order.next(rows)  # [rows] batch ids
-        slot = self._slot(rows, t.stopgrad_active)
-        torch.index_select(t.h, 0, idx, out=slot.h)
-        if slot.labels is not None:
-            torch.index_select(t.labels, 0, idx, out=slot.labels)
-        if slot.noise is not None:  # the eager step's torch.randn(..., generator) draw
-            slot.noise.normal_(generator=t.noise_gen)
-        t._set_lr()
-        self.weight.fill_(t._loss_weight())
-        try:
-            if self.capture:
-                with torch.cuda.device(t.device):  # the trainer's GPU, whichever is current
-                    self._run_cuda(slot)
-            else:
-                self._body(slot)
-        except RuntimeError as exc:  # e.g. the CPU encoder's NaN check, after an unchecked bad step
-            self.check(cause=exc)
-            raise
-        t.firing.samples_seen += rows
-        t._last_batch = (slot.h, slot.labels)
-        t.step += 1
-        assert slot.out is not None
-        return slot.out
+    def run(self, plan: StepPlan, h: Tensor, labels: Optional[Tensor],
+            noise_gen: torch.Generator) -> tuple[LossOutput, Tensor, Optional[Tensor]]:
+        """One training step as planned: copy the batch rows ``plan.idx`` of ``h [N, d]`` (and ``labels [N]``)
+        into the static buffers, draw v1's noise with ``noise_gen`` (the eager step's draw), write the
+        learning rate and the loss weight into their device tensors, then replay (or warm up, or capture).
 
-    def check(self, cause: Optional[BaseException] = None) -> None:
+        Returns the step's outputs and the batch ``([rows, d], [rows])`` it ran on (static buffers:
+        overwritten by the next step of the same shape)."""
+        rows = int(plan.idx.numel())
+        slot = self._slot(rows, plan.stopgrad)
+        torch.index_select(h, 0, plan.idx, out=slot.h)
+        if slot.labels is not None:
+            torch.index_select(labels, 0, plan.idx, out=slot.labels)
+        if slot.noise is not None:  # the eager step's torch.randn(..., generator) draw
+            slot.noise.normal_(generator=noise_gen)
+        if self.capture:  # the capturable Adam reads it (eagerly, the trainer sets the parameter groups)
+            self.lr.fill_(plan.lr)
+        self.weight.fill_(plan.weight)
+        if self.capture:
+            with torch.cuda.device(self.device):  # the trainer's GPU, whichever is current
+                self._run_cuda(slot)
+        else:
+            self._body(slot)
+        assert slot.out is not None
+        return slot.out, slot.h, slot.labels
+
+    def check(self, steps_done: int, cause: Optional[BaseException] = None) -> None:
         """Raise ``FloatingPointError`` if some step's loss was not finite (one host synchronisation);
-        ``cause``: the error that made us look, chained to it."""
+        ``steps_done``: the trainer's step count, for the message; ``cause``: the error that made us look,
+        chained to it."""
         bad = int(self.bad_step)
         if bad >= 0:
             vals = dict(zip(LossTerms._fields, self.bad_terms.tolist()))
             raise FloatingPointError(
-                f"non-finite loss at step {bad} (0-based): {vals}; found after {self.trainer.step} steps "
+                f"non-finite loss at step {bad} (0-based): {vals}; found after {steps_done} steps "
                 "(cuda_graph checks at log steps and checkpoints): the weights after step "
                 f"{bad} are not usable, resume from the last checkpoint"
             ) from cause

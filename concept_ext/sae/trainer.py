@@ -29,6 +29,7 @@ from concept_ext.sae.losses import LossOutput, sae_losses
 from concept_ext.sae.model import TopKSAE, build_sae
 from concept_ext.sae.graph_step import GraphStep
 from concept_ext.sae.state import DataOrder, EpochCounter, FiringTracker, lr_at
+from concept_ext.sae.step import StepPlan, update_weights
 
 logger = logging.getLogger("concept_ext")
 
@@ -97,7 +98,7 @@ class Trainer:
         # Validated once here, so that the steps can run the ops without their per-call data checks
         # (each one a host synchronisation on CUDA); a non-finite weight still shows up as a non-finite
         # loss, which every step checks.
-        ops._finite(self.h, "activations")
+        ops.check_finite(self.h, "activations")
         self.labels = labels.to(self.device).long() if labels is not None else None  # [N]
         if cfg.center != "none" and sae.center is None:
             # Pre-encoder centring (method.md 2.1, package decision): mu from the whole training set, set
@@ -123,7 +124,7 @@ class Trainer:
         self._ddp = distributed.wrap_ddp(distributed.LossModule(self.sae, sae_losses)) if (
             distributed.enabled()) else None
         if cfg.cuda_graph:
-            self._graph = GraphStep(self)
+            self._graph = GraphStep(self.sae, self.opt, cfg, self.firing, with_labels=self.labels is not None)
             self._fit_optimizer_state()
 
     # --------------------------------------------------------------------------------------------
@@ -164,28 +165,50 @@ class Trainer:
         """With ``cuda_graph``: raise ``FloatingPointError`` if a step since the start had a non-finite loss
         (the eager step checks every step itself, so this does nothing there)."""
         if self._graph is not None:
-            self._graph.check()
+            self._graph.check(self.step)
+
+    def begin_step(self) -> StepPlan:
+        """The host-side start of every step, eager or graph: count the epoch, draw the batch ids, decide
+        the phase and the loss weight, and set the scheduled learning rate."""
+        self.epochs.advance(self.cfg.batch_size)  # counts B per step (nominal under oddity 19)
+        idx = self.order.next(self._rows())  # [B] global batch ids (the same on every rank)
+        plan = StepPlan(idx, self.stopgrad_active, self._loss_weight(), lr_at(self.step, self.cfg))
+        if not self._capturable:  # the graph step writes it into the device tensor that Adam reads
+            for group in self.opt.param_groups:
+                group["lr"] = plan.lr
+        return plan
+
+    def end_step(self, h: Tensor, labels: Optional[Tensor]) -> None:
+        """The end of every step, eager or graph: remember its batch ``h [rows, d]``, ``labels [rows]`` (for
+        the metrics of log steps) and count it."""
+        self._last_batch = (h, labels)
+        self.step += 1
 
     def train_step(self) -> LossOutput:
         """One optimisation step (method.md 2.4 order). Raises FloatingPointError on a non-finite loss
         (with ``cuda_graph``, at the next :meth:`check_finite` instead: log steps, checkpoints, the end).
         With ``cuda_graph`` the returned tensors are overwritten by a later step of the same shape."""
+        plan = self.begin_step()
         if self._graph is not None:
-            return self._graph.step()
+            try:
+                out, h, labels = self._graph.run(plan, self.h, self.labels, self.noise_gen)
+            except RuntimeError as exc:  # e.g. the CPU encoder's NaN check, after an unchecked bad step
+                self._graph.check(self.step, cause=exc)
+                raise
+            self.firing.samples_seen += h.shape[0]  # the graph counts firings on the device only
+            self.end_step(h, labels)
+            return out
         cfg, sae = self.cfg, self.sae
         sae.normalize_decoder()  # (1)
-        self.epochs.advance(cfg.batch_size)  # counts B per step (nominal under oddity 19)
-        idx = self.order.next(self._rows())  # [B] global batch ids (the same on every rank)
+        idx = plan.idx
         group = None
         if self._ddp is not None:  # distributed: this rank's contiguous slice of the global batch
             group = self._group = distributed.BatchGroup(idx.numel())
             idx = idx[group.offset: group.offset + group.local]
         h = self.h[idx]
         labels = self.labels[idx] if self.labels is not None else None
-        self._last_batch = (h, labels)  # for the metrics of log steps
-        weight = self._loss_weight()
         dead = self.firing.dead_mask(cfg.dead_window) if cfg.dead_latents != "none" else None
-        opts = dict(dead_mask=dead, stopgrad_class=self.stopgrad_active, loss_weight=weight,
+        opts = dict(dead_mask=dead, stopgrad_class=plan.stopgrad, loss_weight=plan.weight,
                     noise_gen=self.noise_gen)
         with ops.unchecked():  # the codes come from topk_encode on validated activations
             if group is None:
@@ -208,32 +231,14 @@ class Trainer:
                 self.firing.update(out.values, out.indices)
             else:  # the counters (and so the dead set) follow the global batch on every rank
                 self.firing.update(group.gather_rows(out.values), group.gather_rows(out.indices))
-        self._set_lr()
-        self._update(backward)  # (3)-(6)
-        self.step += 1
+        update_weights(sae, self.opt, cfg, backward)  # (3)-(6)
+        self.end_step(h, labels)
         return out
 
-    def _set_lr(self) -> None:
-        """This step's scheduled learning rate: into the device tensor that the capturable Adam reads
-        (cuda_graph on CUDA, written outside the graph), otherwise into the parameter groups."""
-        lr = lr_at(self.step, self.cfg)
-        if self._graph is not None and self._graph.capture:
-            self._graph.lr.fill_(lr)
-        else:
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-
-    def _update(self, loss: Tensor) -> None:
-        """Steps (3)-(6) of method.md 2.4: backward, project grad W_dec off the decoder rows, clip the
-        gradient norm, Adam (the eager step and the CUDA-graph step alike)."""
-        cfg, sae = self.cfg, self.sae
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # (3)
-        if cfg.project_decoder_grad:
-            sae.project_decoder_grad()  # (4)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)  # (5)
-        self.opt.step()  # (6)
+    @property
+    def _capturable(self) -> bool:
+        """cuda_graph on CUDA: Adam is capturable and reads the learning rate from the graph's device tensor."""
+        return self._graph is not None and self._graph.capture
 
     @torch.no_grad()
     def _metrics(self, out: LossOutput) -> dict[str, float]:
@@ -352,7 +357,7 @@ class Trainer:
         self.firing.steps_since.copy_(state["steps_since"])
         self.firing.samples_seen = int(state["samples_seen"])
         if self._graph is not None:  # the optimiser's state tensors were replaced: capture again
-            self._graph.reset()
+            self._graph.reset(self.step)
 
     def _portable_optimizer_state(self) -> dict[str, Any]:
         """The optimiser's state_dict in the eager trainer's form (float lr, step counts on the CPU, not
@@ -367,7 +372,7 @@ class Trainer:
         """This trainer's optimiser mode, at construction and after a load. cuda_graph on CUDA: Adam is
         capturable (its step count on the device) and reads the learning rate from a device tensor, so
         that a graph replay advances both; otherwise the plain Adam with a float learning rate."""
-        capturable = self._graph is not None and self._graph.capture
+        capturable = self._capturable
         if capturable:  # its warning about capturable steps run uncaptured is about the warm-up: on purpose
             self.opt._warned_capturable_if_run_uncaptured = True
         for group in self.opt.param_groups:

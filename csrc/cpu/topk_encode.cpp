@@ -154,19 +154,26 @@ void encode(const T* x, const T* w, const uint16_t* w16, bool w_t, const T* b, i
     }
   };
 
-  auto run_block = [&](int64_t r0, int64_t rows, T* tile, TopKRows<T>& sel, bool parallel_select) {
-    std::vector<T> wbuf;
+  // The one GEMM -> select loop: rows [r0, r0 + rows) of x against every latent tile, GEMM-ing `step` rows
+  // at a time into `tile` ([step, ct]) and pushing each row's scores into `sel` (top-k candidates), then
+  // writing the k winners of each row. parallel_select: the selection of a GEMM's rows is spread over the
+  // threads (the few-rows path, where the BLAS threads the GEMM).
+  auto encode_rows = [&](int64_t r0, int64_t rows, int64_t step, T* tile, std::vector<T>& wbuf, TopKRows<T>& sel,
+                         bool parallel_select) {
     sel.reset(rows);
-    const Tensor xa = view2d(x + r0 * d, rows, d, d);
     for (int64_t c0 = 0; c0 < m; c0 += ct) {
       const int64_t cols = std::min(ct, m - c0);
-      mm_out(xa, tile_view(c0, cols, wbuf), view2d(tile, rows, cols, cols));
-      auto select = [&](int64_t a, int64_t z) {
-        for (int64_t r = a; r < z; ++r)
-          if (!sel.push(r, tile + r * cols, b + c0, cols, static_cast<int32_t>(c0))) nan.store(true);
-      };
-      if (parallel_select) ts::parallel_for(0, rows, 8, select);
-      else select(0, rows);
+      const Tensor wt = tile_view(c0, cols, wbuf);
+      for (int64_t s0 = 0; s0 < rows; s0 += step) {
+        const int64_t sr = std::min(step, rows - s0);
+        mm_out(view2d(x + (r0 + s0) * d, sr, d, d), wt, view2d(tile, sr, cols, cols));
+        auto select = [&](int64_t a, int64_t z) {
+          for (int64_t r = a; r < z; ++r)
+            if (!sel.push(s0 + r, tile + r * cols, b + c0, cols, static_cast<int32_t>(c0))) nan.store(true);
+        };
+        if (parallel_select) ts::parallel_for(0, sr, 8, select);
+        else select(0, sr);
+      }
     }
     auto finish = [&](int64_t a, int64_t z) {
       for (int64_t r = a; r < z; ++r) sel.finish(r, out_v + (r0 + r) * k, out_i + (r0 + r) * k);
@@ -192,29 +199,17 @@ void encode(const T* x, const T* w, const uint16_t* w16, bool w_t, const T* b, i
     ts::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
       std::vector<T> tile(static_cast<size_t>(rb * ct)), wbuf;
       TopKRows<T> sel(sb, k);
-      for (int64_t blk = next++; blk < blocks; blk = next++) {
-        const int64_t r0 = blk * sb, rows = std::min(sb, n - r0);
-        sel.reset(rows);
-        for (int64_t c0 = 0; c0 < m; c0 += ct) {
-          const int64_t cols = std::min(ct, m - c0);
-          const Tensor wt = tile_view(c0, cols, wbuf);
-          for (int64_t s0 = 0; s0 < rows; s0 += rb) {
-            const int64_t sr = std::min(rb, rows - s0);
-            mm_out(view2d(x + (r0 + s0) * d, sr, d, d), wt, view2d(tile.data(), sr, cols, cols));
-            for (int64_t r = 0; r < sr; ++r)
-              if (!sel.push(s0 + r, tile.data() + r * cols, b + c0, cols, static_cast<int32_t>(c0)))
-                nan.store(true);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) sel.finish(r, out_v + (r0 + r) * k, out_i + (r0 + r) * k);
-      }
+      for (int64_t blk = next++; blk < blocks; blk = next++)
+        encode_rows(blk * sb, std::min(sb, n - blk * sb), rb, tile.data(), wbuf, sel, false);
     });
   } else {
     const int64_t rbt = std::max<int64_t>(1, std::min({n, tune.rb * threads, (int64_t{1} << 20) / (2 * k + 16)}));
-    std::vector<T> tile(static_cast<size_t>(rbt * ct));
+    std::vector<T> tile(static_cast<size_t>(rbt * ct)), wbuf;
     TopKRows<T> sel(rbt, k);
-    for (int64_t r0 = 0; r0 < n; r0 += rbt)
-      run_block(r0, std::min(rbt, n - r0), tile.data(), sel, select_in_parallel);
+    for (int64_t r0 = 0; r0 < n; r0 += rbt) {
+      const int64_t rows = std::min(rbt, n - r0);
+      encode_rows(r0, rows, rows, tile.data(), wbuf, sel, select_in_parallel);
+    }
   }
 }
 
