@@ -163,10 +163,14 @@ def _friendly(exc: BaseException) -> str:
     """One paragraph: what failed and what to do; nothing already computed is lost."""
     import torch
 
+    from concept_ext.text.data import DataError
+
     kind = type(exc).__name__
     hint = "Fix the cause and run the same command again: finished stages are skipped."
     msg = str(exc)
-    if isinstance(exc, (MemoryError,)) or "out of memory" in msg.lower() or isinstance(
+    if isinstance(exc, DataError):
+        hint = "Fix the data file (or the config) named above and run the same command again."
+    elif isinstance(exc, (MemoryError,)) or "out of memory" in msg.lower() or isinstance(
             exc, getattr(torch, "OutOfMemoryError", ())):
         hint = ("Lower the batch sizes (e.g. --set cache.batch_size=8 --set train_classifsae.batch_size=128 "
                 "--set eval.readout_batch=1024) and run the same command again: finished stages are kept.")

@@ -157,7 +157,10 @@ class Pipeline:
         def fn(d: Path) -> dict:
             from concept_ext.classifier.finetune import accuracy, finetune
 
+            from concept_ext.text.data import check_splits
+
             train, test = self._dataset("train"), self._dataset("test")
+            check_splits(train, test)  # bad data is refused here, before any model is loaded
             clf = self._load_classifier(None, train.class_names)
             model_dir = d / "model"
             if self.cfg.finetune.steps > 0:
