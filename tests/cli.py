@@ -61,10 +61,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], *, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m concept_ext <args>`` from the repository root; never raises on a non-zero exit."""
+def run_cli(args: list[str], *, timeout: float = 600, max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m concept_ext <args>`` from the repository root; never raises on a non-zero exit.
+
+    ``max_file_bytes`` caps the size of any file the command writes (RLIMIT_FSIZE; Python ignores SIGXFSZ,
+    so a write past it fails with EFBIG, as on a full disk)."""
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run([sys.executable, "-m", "concept_ext", *map(str, args)], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if max_file_bytes is not None else None)
 
 
 def popen_cli(args: list[str]) -> subprocess.Popen:

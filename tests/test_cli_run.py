@@ -1,11 +1,13 @@
 """A whole tiny run through the CLI as the README writes it (issue 22): ``python -m concept_ext run --config
 FILE --out DIR`` is interrupted with Ctrl-C (SIGINT) while fitting, exits 130 with a short message, and the
 same command then finishes the run without redoing the finished stages (item 6). The finished run's tables
-print undefined numbers as "—" with a footnote (item 4)."""
+print undefined numbers as "—" with a footnote (item 4). Copies of it with a corrupted checkpoint, manifest
+or stage record are refused with the file named and the stage is redone (item 6)."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import threading
 import time
@@ -119,3 +121,54 @@ def test_undefined_sentence_sim_is_a_gap_in_the_plot(cli_run, tmp_path, monkeypa
         pairs = metrics["methods"][name]["interpret"]["sentence_sim"]["n_pairs"]
         assert [v is None for v in vals] == [c == 0 for c in pairs], name
 
+
+def _no_traceback(res) -> None:
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("target,command,stage", [
+    ("fit/ClassifSAE-s42/sae/sae.safetensors", "train", "fit/ClassifSAE-s42"),
+    ("fit/ICA-s42/concepts/concepts.safetensors", "train", "fit/ICA-s42"),
+    ("cache/test/cache.json", "cache", "cache"),
+    ("finetune/stage.json", "finetune", "finetune"),
+])
+def test_corrupted_file_is_named_and_its_stage_redone(cli_run, tmp_path, target, command, stage):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run["out"], run)
+    before = read_record(run / stage)
+    garbage = b"\x00garbage, not what the stage wrote\x00" * 8
+    (run / target).write_bytes(garbage)
+    if target.endswith("sae.safetensors"):  # explain reads it: refused with the file named, no traceback
+        if not (run / "config.json").is_file():  # the CLI's run wrote none before issue 22 item 1
+            (run / "config.json").write_text(json.dumps(json.loads((run / "metrics.json").read_text())["run"]["config"]))
+        res = run_cli(["explain", "--run", run, "Stocks fell on Wall Street."])
+        assert res.returncode == 1 and "sae.safetensors" in res.stderr, res.stderr[-3000:]
+        _no_traceback(res)
+    res = run_cli([command, "--config", tiny_config(tmp_path), "--out", run, "--quiet"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    _no_traceback(res)
+    assert str(run / target) in res.stderr, f"the warning must name {target}: {res.stderr[-3000:]}"
+    after = read_record(run / stage)
+    assert after is not None and after.finished_at != before.finished_at, f"{stage} was not redone"
+    assert (run / target).read_bytes() != garbage, "the corrupted file must be rewritten"
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = run_cli(["run", "--config", tiny_config(tmp_path), "--out", blocker / "run", "--quiet"])
+    assert res.returncode == 1
+    _no_traceback(res)
+    assert "error (NotADirectoryError)" in res.stderr and "writable folder" in res.stderr
+
+
+def test_disk_full_leaves_nothing_a_rerun_trusts(tmp_path):
+    out, cfg = tmp_path / "out", tiny_config(tmp_path)
+    res = run_cli(["finetune", "--config", cfg, "--out", out, "--quiet"], max_file_bytes=1 << 20)
+    assert res.returncode == 1, res.stderr[-3000:]
+    _no_traceback(res)
+    assert "writable folder with free space" in res.stderr, res.stderr[-3000:]
+    assert read_record(out / "finetune") is None and not (out / "finetune" / "model").exists()
+    res = run_cli(["finetune", "--config", cfg, "--out", out, "--quiet"])  # space freed: the stage is redone
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read_record(out / "finetune") is not None

@@ -256,7 +256,11 @@ def load_concept_model(directory: str | os.PathLike, **kwargs: Any) -> ConceptMo
     if method not in _REGISTRY:
         raise ValueError(f"unknown concept method {method!r} in {cfg_path}; known: {sorted(_REGISTRY)}")
     tpath = directory / TENSORS_NAME
-    tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    try:
+        tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"concept checkpoint {tpath} is not a readable safetensors file ({exc}): corrupted "
+                         "or half-written") from exc
     model = _REGISTRY[method]._from_state(cfg["config"], tensors, **kwargs)
     model._restore_common(cfg)
     return model
