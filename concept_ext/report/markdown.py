@@ -165,6 +165,9 @@ def interpret_table(results: dict, notes: Optional[Footnotes] = None, *,
             ["Jaccard of A_j"] + [metric_cell(m, "interpret.overlap.jaccard", notes) for m in ms],
             ["redundancy"] + [metric_cell(m, "interpret.overlap.redundancy", notes, digits=2) for m in ms],
             ["coverage"] + [fmt(lookup(m, "interpret.overlap.coverage")) for m in ms],
+            ["term overlap (top-10 Jaccard)"] + [metric_cell(m, "interpret.term_overlap.jaccard", notes) for m in ms],
+            ["term overlap, plain TF-IDF ranking"] + [metric_cell(m, "interpret.term_overlap.jaccard_tfidf", notes)
+                                                      for m in ms],
         ]
     return _with_notes(table(["metric"] + names, rows), notes, own)
 

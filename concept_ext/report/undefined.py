@@ -76,6 +76,9 @@ def undefined_reason(m: dict, path: str) -> Optional[str]:
     n_sel = _n_selected(m)
     if path == "interpret.overlap.jaccard" and n_sel is not None and n_sel < 2:
         return f"Jaccard of A_j: needs two concepts, the method keeps {n_sel}"
+    if path.startswith("interpret.term_overlap.jaccard") and lookup(m, "interpret.term_overlap") is not None and (
+            lookup(m, path) is None):
+        return "term overlap: needs two concepts with terms"
     if path == "interpret.overlap.redundancy" and _count(m, "interpret.overlap.n_covered") == 0:
         return "redundancy: no test sentence activates any concept"
     if n_sel == 0 and _OVER_CONCEPTS.fullmatch(path):
@@ -88,7 +91,8 @@ def undefined_map(m: dict) -> dict[str, str]:
     paths = [f"interpret.sentence_sim.sentence_sim.{i}"
              for i in range(len(lookup(m, "interpret.sentence_sim.k") or []))]
     paths += ["interpret.concept_sim.weighted", "interpret.concept_sim.unweighted",
-              "interpret.overlap.jaccard", "interpret.overlap.redundancy"]
+              "interpret.overlap.jaccard", "interpret.overlap.redundancy", "interpret.term_overlap.jaccard",
+              "interpret.term_overlap.jaccard_tfidf"]
     paths += [f"interpret.concept_sim.per_concept.{j}"
               for j in range(len(lookup(m, "interpret.concept_sim.per_concept") or []))]
     for p in (m.get("protocols") or {}):
