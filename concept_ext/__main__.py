@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import textwrap
 
@@ -123,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run the same command again to continue", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError, MemoryError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError, MemoryError) as exc:
+        print(_friendly(exc), file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError wraps a failed write or read
+        if type(exc).__name__ != "SafetensorError":
+            raise
         print(_friendly(exc), file=sys.stderr)
         return 1
 
@@ -132,10 +138,18 @@ def _friendly(exc: BaseException) -> str:
     """One paragraph: what failed and what to do; nothing already computed is lost."""
     import torch
 
+    from concept_ext.text.data import DataError
+
     kind = type(exc).__name__
     hint = "Fix the cause and run the same command again: finished stages are skipped."
     msg = str(exc)
-    if isinstance(exc, (MemoryError,)) or "out of memory" in msg.lower() or isinstance(
+    if isinstance(exc, DataError):
+        hint = "Fix the data file (or the config) named above and run the same command again."
+    elif _is_disk_error(exc):
+        hint = ("The run folder (--out) must be a writable folder with free space. Free some space or choose "
+                "another --out, then run the same command again: finished stages are kept, and the stage that "
+                "failed wrote no record, so it is redone from scratch.")
+    elif isinstance(exc, (MemoryError,)) or "out of memory" in msg.lower() or isinstance(
             exc, getattr(torch, "OutOfMemoryError", ())):
         hint = ("Lower the batch sizes (e.g. --set cache.batch_size=8 --set train_classifsae.batch_size=128 "
                 "--set eval.readout_batch=1024) and run the same command again: finished stages are kept.")
@@ -146,6 +160,20 @@ def _friendly(exc: BaseException) -> str:
         hint = ("A cache or checkpoint is corrupted or does not match the request. Delete that stage's folder "
                 "(or pass --force STAGE) and run again; other stages are kept.")
     return f"error ({kind}): {msg}\n{hint}"
+
+
+def _is_disk_error(exc: BaseException) -> bool:
+    """A full disk, a file-size limit, a read-only or unwritable folder (also when wrapped by a writer)."""
+    import errno
+
+    codes = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+             errno.EEXIST}
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in codes:
+            return True
+    # safetensors' writer reports the OS error in its message only: "... (os error 27)".
+    hit = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return hit is not None and int(hit.group(1)) in codes
 
 
 if __name__ == "__main__":

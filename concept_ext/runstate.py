@@ -4,6 +4,10 @@ A stage writes everything into a temporary sibling folder, then renames it into 
 ``stage.json`` record last. A stage whose record exists and whose input fingerprint matches is skipped;
 an interrupted stage leaves only a ``.tmp-*`` folder, which the next run removes and redoes. Nothing a
 finished stage produced is ever touched by a later failure.
+
+The record also holds the size and SHA-256 of every file the stage wrote (:func:`output_digests`); a
+stage whose files no longer match (a corrupted checkpoint or manifest, a deleted file) is not trusted
+(:func:`verify_outputs` names the file) and is redone, as is a stage whose record is unreadable.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +27,9 @@ from typing import Any, Iterator
 __all__ = ["atomic_write_json", "dumps_json", "float32_list", "atomic_write_text", "atomic_dir", "fingerprint", "StageRecord", "read_record"]
 
 RECORD = "stage.json"
+PENDING = "stage.pending"
+
+logger = logging.getLogger("concept_ext")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -144,15 +152,61 @@ class StageRecord:
     """UNIX time the stage finished."""
     extra: dict = dataclasses.field(default_factory=dict)
     """Stage-specific summary (e.g. accuracy, number of rows)."""
+    outputs: dict = dataclasses.field(default_factory=dict)
+    """Relative path -> [size in bytes, SHA-256 hex] of every file the stage wrote (empty in records
+    written before outputs were recorded: those are trusted as they are)."""
+
+
+def output_digests(stage_dir: str | os.PathLike) -> dict[str, list]:
+    """Size and SHA-256 of every file under ``stage_dir`` except the stage's own bookkeeping (the record,
+    the pending marker, hidden temporary files), keyed by the path relative to ``stage_dir``."""
+    root = Path(stage_dir)
+    out: dict[str, list] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or rel.as_posix() in (RECORD, PENDING) or any(
+                part.startswith(".") for part in rel.parts):
+            continue
+        out[rel.as_posix()] = [path.stat().st_size, _sha256(path)]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_outputs(stage_dir: str | os.PathLike, record: StageRecord) -> str | None:
+    """None when every file the record lists is there with its size and SHA-256; else what is wrong,
+    naming the file."""
+    root = Path(stage_dir)
+    for rel, (size, sha) in record.outputs.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when the stage finished (corrupted or truncated)"
+    for rel, (size, sha) in record.outputs.items():
+        if _sha256(root / rel) != sha:
+            return f"{root / rel} changed since the stage finished (SHA-256 differs: corrupted)"
+    return None
 
 
 def read_record(stage_dir: str | os.PathLike) -> StageRecord | None:
-    """The record of a finished stage, or ``None`` if it never finished (or the record is unreadable)."""
+    """The record of a finished stage, or ``None`` if it never finished or the record is unreadable (then
+    a warning names the file: the stage will be redone)."""
     path = Path(stage_dir) / RECORD
     try:
         data = json.loads(path.read_text())
         return StageRecord(**{f.name: data[f.name] for f in dataclasses.fields(StageRecord) if f.name in data})
-    except (FileNotFoundError, json.JSONDecodeError, TypeError, KeyError):
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as exc:
+        logger.warning("%s is unreadable (%s: %s): the stage is not trusted and will be redone", path,
+                       type(exc).__name__, exc)
         return None
 
 

@@ -222,8 +222,10 @@ def test_minimal_results_do_not_crash(tmp_path):
     text = write_report(tmp_path, minimal_results()).read_text(encoding="utf-8")
     assert "| metric | ICA | SAE | ClassifSAE |" in text
     assert _row(text, "RAcc") == ["0.500 (ceiling 0.900)", "—", "0.750"]
-    assert _row(text, "Δf_cond (a) paper") == ["—", "—", "—"]
-    assert _row(text, "TVD_cond (a) paper") == ["—", "—", "0.050"]
+    # SAE keeps no concept: its means over concepts are undefined, with the reason as a footnote (issue 22).
+    assert _row(text, "Δf_cond (a) paper") == ["—", "—<sup>1</sup>", "—"]
+    assert _row(text, "TVD_cond (a) paper") == ["—", "—<sup>1</sup>", "0.050"]
+    assert "<sup>1</sup> n/a: a mean over concepts, and the method keeps no concept (|F| = 0)." in text
     assert _row(text, "\\|F\\|") == ["1", "0", "2"]
     assert "in-context" not in text
     assert "train accuracy — on — of the — training sentences" in text

@@ -67,3 +67,29 @@ def test_float32_list_is_exact_and_short():
     assert torch.equal(torch.tensor(values, dtype=torch.float32), t)  # every float32 value comes back
     assert len(json.dumps(values)) < 0.75 * len(json.dumps(t.tolist()))
     assert float32_list(torch.zeros(0, 3)) == [] and float32_list(torch.tensor(1.5)) == 1.5
+
+
+def test_stage_outputs_are_verified(tmp_path, caplog):
+    """A record lists its stage's files (size, SHA-256); a changed, truncated or deleted file is named."""
+    from concept_ext.runstate import StageRecord, output_digests, read_record, verify_outputs, write_record
+
+    d = tmp_path / "fit"
+    (d / "sae").mkdir(parents=True)
+    (d / "sae" / "sae.safetensors").write_bytes(b"weights" * 100)
+    (d / "cfg.json").write_text("{}")
+    (d / ".tmp-x").write_text("scratch")  # hidden temporaries are not outputs
+    rec = StageRecord("fit", "fp", 1.0, outputs=output_digests(d))
+    assert sorted(rec.outputs) == ["cfg.json", "sae/sae.safetensors"]
+    write_record(d, rec)
+    assert read_record(d).outputs == rec.outputs and verify_outputs(d, read_record(d)) is None
+    (d / "sae" / "sae.safetensors").write_bytes(b"Weights" * 100)  # same size, other bytes
+    assert "sae.safetensors changed" in verify_outputs(d, rec)
+    (d / "sae" / "sae.safetensors").write_bytes(b"w")
+    assert "sae.safetensors has 1 bytes" in verify_outputs(d, rec)
+    (d / "cfg.json").unlink()
+    assert "cfg.json is missing" in verify_outputs(d, rec)
+    assert verify_outputs(d, StageRecord("fit", "fp", 1.0)) is None  # records from before: trusted
+    (d / "stage.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="concept_ext"):
+        assert read_record(d) is None
+    assert str(d / "stage.json") in caplog.text and "redone" in caplog.text

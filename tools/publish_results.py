@@ -11,6 +11,7 @@ says now) and ``machine.json`` (CPU, threads, torch and package versions, date).
 block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md from every
 ``results/*/metrics.json``: the classifier's accuracy, the paper-style table per protocol
 (``concept_ext.report.markdown.headline_table``), SentenceSim(1..4) and the wall-clock time of each stage.
+An undefined number (e.g. SentenceSim(k) when no pair shares exactly k concepts) prints "—" with a footnote.
 Every copy is atomic (temporary folder, then ``os.replace``).
 """
 from __future__ import annotations
@@ -117,7 +118,7 @@ def run_section(folder: Path) -> list[str]:
         lines += [f"*{PROTOCOL_TITLES.get(p, p)}* (mean ± std over seeds)", ""]
         lines += headline_table(results, p) + [""]
     lines += ["*Interpretability (external sentence encoder)*", ""]
-    lines += interpret_table(results)[:6] + [""]
+    lines += interpret_table(results, sentence_sim_only=True) + [""]
     t = run.get("timings") or {}
     lines.append("Wall-clock per stage: " + ", ".join(f"{k} {_minutes(v)}" for k, v in t.items())
                  + f"; total {_minutes(sum(v for v in t.values() if v is not None))}.")

@@ -57,6 +57,17 @@ class CacheError(RuntimeError):
     """A cache is incomplete, corrupted or fails its spot check."""
 
 
+def _read_manifest(path: Path) -> dict:
+    """The parsed manifest; a :class:`CacheError` naming the file when it is not a JSON object."""
+    try:
+        man = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{path}: the cache manifest is unreadable ({exc}): corrupted") from exc
+    if not isinstance(man, dict) or "shards" not in man:
+        raise CacheError(f"{path}: the cache manifest is not a manifest (no shard list): corrupted")
+    return man
+
+
 class CacheKeyMismatch(CacheError):
     """The cache on disk was built for another model / dataset / split / layer / template / dtype."""
 
@@ -172,7 +183,7 @@ def build_cache(model_spec: Any, dataset_spec: Any, split: str, *, out_dir: str 
     S = cfg.shard_size
     n_shards = (len(ds) + S - 1) // S
     if man_path.is_file():
-        man = json.loads(man_path.read_text())
+        man = _read_manifest(man_path)
         if man.get("cache_id") != cache_id:
             raise CacheKeyMismatch(f"{out}: holds a cache for a different request (differs in "
                                    f"{_diff(man.get('key', {}), key)}); use another out_dir or delete it")
@@ -286,7 +297,7 @@ def load_cache(cache_dir: str | os.PathLike, *, expect_key: dict | None = None, 
     man_path = d / MANIFEST
     if not man_path.is_file():
         raise CacheError(f"{d}: no {MANIFEST}; not a cache directory")
-    man = json.loads(man_path.read_text())
+    man = _read_manifest(man_path)
     if not man.get("complete"):
         raise CacheError(f"{d}: incomplete cache ({len(man['shards'])}/{man['n_shards']} shards); "
                          "run build_cache again with the same arguments to resume")

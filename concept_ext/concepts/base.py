@@ -268,7 +268,11 @@ def load_concept_model(directory: str | os.PathLike, **kwargs: Any) -> ConceptMo
     except ValueError as exc:
         raise ValueError(f"{cfg_path}: {exc}") from None
     tpath = directory / TENSORS_NAME
-    tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    try:
+        tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"concept checkpoint {tpath} is not a readable safetensors file ({exc}): corrupted "
+                         "or half-written") from exc
     model = cls._from_state(cfg["config"], tensors, **kwargs)
     model._restore_common(cfg)
     return model

@@ -144,7 +144,7 @@ def _readout(ctx: "RunContext", protocol: str):
 def evaluate_method(ctx: "RunContext", method: str, seed: int, fit_dir: Path) -> dict[str, Any]:
     """Every metric of method.md section 6 for one fitted method (JSON-ready dict)."""
     from concept_ext import metrics as M
-    from concept_ext.metrics.text import tfidf_top_terms
+    from concept_ext.metrics.text import clean_texts, term_overlap, tfidf_top_terms
 
     model = load_method(method, fit_dir)
     test = ctx.load_split("test")
@@ -171,7 +171,15 @@ def evaluate_method(ctx: "RunContext", method: str, seed: int, fit_dir: Path) ->
               "top_sentences": M.top_activating(acts, sets.mask, k=ctx.cfg.eval.top_sentences,
                                                 texts=test.texts).to_dict()}
     try:
-        interp["tfidf"] = tfidf_top_terms(acts, sets.mask, test.texts, top_k=ctx.cfg.eval.tfidf_terms).to_dict()
+        cleaned, how = clean_texts(test.texts)
+        terms = tfidf_top_terms(acts, sets.mask, test.texts, top_k=ctx.cfg.eval.tfidf_terms, cleaned=cleaned)
+        terms.preprocessing = how
+        interp["tfidf"] = terms.to_dict()
+        # The reference's plain TF-IDF ranking, kept only to show how much more alike its terms are.
+        plain = tfidf_top_terms(acts, sets.mask, test.texts, top_k=ctx.cfg.eval.tfidf_terms, cleaned=cleaned,
+                                ranking="tfidf")
+        interp["term_overlap"] = {**term_overlap(terms.terms).to_dict(),
+                                  "jaccard_tfidf": term_overlap(plain.terms).jaccard}
     except ValueError as exc:  # e.g. an empty vocabulary on tiny test slices
         logger.warning("%s: TF-IDF terms unavailable (%s)", method, exc)
         interp["tfidf"] = None

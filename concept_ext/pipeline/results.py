@@ -2,7 +2,8 @@
 
 With several seeds, every headline number (RAcc, ceiling, activation rate, flip rate, TVD, ConceptSim,
 SentenceSim) becomes ``{"mean": x, "std": s, "values": [...]}``; the detailed per-concept outputs are
-those of the first seed.
+those of the first seed. Each method's ``"undefined"`` entry maps the paths of the numbers that are the
+reference's convention rather than a measurement (e.g. SentenceSim(k) with no pair) to the reason.
 """
 from __future__ import annotations
 
@@ -72,9 +73,22 @@ def aggregate_seeds(per_seed: list[dict]) -> dict:
             _set(out, path, _summary([_get(r, path) for r in per_seed])) if _get(out, path) is not None else None
     ss = [_get(r, ("interpret", "sentence_sim", "sentence_sim")) for r in per_seed]
     if all(ss):
-        out["interpret"]["sentence_sim"]["sentence_sim_std"] = [
-            statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*ss)]
-        out["interpret"]["sentence_sim"]["sentence_sim"] = [statistics.fmean(col) for col in zip(*ss)]
+        # SentenceSim(k) of a seed where no pair shares exactly k concepts is the reference's conventional 0,
+        # not a measurement: the mean and std are over the seeds that have pairs (0 when none has any), and
+        # n_pairs becomes the total over seeds (0: undefined for every seed), with the per-seed counts kept.
+        pairs = [_get(r, ("interpret", "sentence_sim", "n_pairs")) for r in per_seed]
+        if not all(pairs):
+            pairs = [[1] * len(v) for v in ss]  # results without pair counts: every seed counts
+        means, stds = [], []
+        for col, cnt in zip(zip(*ss), zip(*pairs)):
+            vals = [v for v, c in zip(col, cnt) if c > 0]
+            means.append(statistics.fmean(vals) if vals else 0.0)
+            stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ssd = out["interpret"]["sentence_sim"]
+        ssd["sentence_sim"], ssd["sentence_sim_std"] = means, stds
+        if all(_get(r, ("interpret", "sentence_sim", "n_pairs")) for r in per_seed):
+            ssd["n_pairs_per_seed"] = pairs
+            ssd["n_pairs"] = [sum(col) for col in zip(*pairs)]
     out["seeds"] = [r["seed"] for r in per_seed]
     return out
 
@@ -85,12 +99,15 @@ def assemble_results(ctx: "RunContext", records: Mapping[str, "StageRecord"]) ->
     ``records``: stage name -> its ``stage.json`` record, for ``finetune`` and ``cache`` at least; every
     record's duration goes into the run's timings, in the mapping's order."""
     from concept_ext.metrics import mean_pairwise_cosine
+    from concept_ext.report.undefined import undefined_map
 
     methods: dict[str, Any] = {}
     for method in [m for m in METHODS if m in ctx.cfg.methods]:
         per_seed = [json.loads((ctx.out / f"evaluate/{method}-s{s}" / "results.json").read_text())
                     for s in ctx.cfg.seeds]
         methods[method] = aggregate_seeds(per_seed)
+        # Numbers the tables print as "—" (the stored value is the reference's convention): path -> reason.
+        methods[method]["undefined"] = undefined_map(methods[method])
     ft, rows = records["finetune"].extra, records["cache"].extra["rows"]
     test = ctx.load_split("test")
     test_acc = float((test.pred == test.label).float().mean()) if len(test.label) else None

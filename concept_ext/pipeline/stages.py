@@ -90,12 +90,18 @@ class Pipeline:
         stage_dir = self.out / name
         fp = runstate.fingerprint(name, inputs)
         main = distributed.is_main()
-        rec = distributed.broadcast_object(runstate.read_record(stage_dir) if main else None)
+        rec = runstate.read_record(stage_dir) if main else None
+        if rec is not None and rec.fingerprint == fp and kind not in self.force:
+            problem = runstate.verify_outputs(stage_dir, rec)  # a corrupted output is not trusted
+            if problem is not None:
+                logger.warning("stage %s: %s; the stage is redone", name, problem)
+                rec = dataclasses.replace(rec, fingerprint="outputs-corrupted")  # cleaned and redone below
+        rec = distributed.broadcast_object(rec)
         if rec is not None and rec.fingerprint == fp and kind not in self.force:
             logger.info("stage %s: up to date, skipped", name)
             self.timings[name] = rec.seconds
             return rec
-        pending = stage_dir / "stage.pending"
+        pending = stage_dir / runstate.PENDING
         if main:  # distributed: rank 0 alone prepares the folder
             started = pending.read_text().strip() if pending.is_file() else None
             if rec is not None or (started is not None and started != fp) or kind in self.force:
@@ -118,6 +124,7 @@ class Pipeline:
             shutil.rmtree(scratch, ignore_errors=True)
         rec = runstate.StageRecord(stage=name, fingerprint=fp, seconds=time.perf_counter() - t0, extra=extra)
         if main:
+            rec.outputs = runstate.output_digests(stage_dir)
             runstate.write_record(stage_dir, rec)
             pending.unlink(missing_ok=True)
         rec = distributed.broadcast_object(rec)  # every rank continues with rank 0's record
@@ -174,7 +181,10 @@ class Pipeline:
         def fn(d: Path) -> dict:
             from concept_ext.classifier.finetune import accuracy, finetune
 
+            from concept_ext.text.data import check_splits
+
             train, test = self._dataset("train"), self._dataset("test")
+            check_splits(train, test)  # bad data is refused here, before any model is loaded
             clf = load_classifier(self.cfg, self.device, None, train.class_names)
             model_dir = d / "model"
             if self.cfg.finetune.steps > 0:

