@@ -49,6 +49,10 @@ ext: concept_ext/.built
 
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
+# The tests run on the compiled CPU kernels or fail: no silent fallback to the reference ops (a user's import
+# still falls back, with a warning).
+test test-fast: export CONCEPT_EXT_REQUIRE_KERNELS := 1
+
 test: setup
 	$(MAKE) nvcc-check
 	$(PY) -m pytest -q tests

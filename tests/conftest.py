@@ -35,6 +35,21 @@ needs_shared = pytest.mark.skipif(not PYTHIA_14M.is_dir() or not (SHARED / "data
                                   reason="../shared (configs, tokenizer, data) not present")
 
 
+def pytest_runtest_setup(item):
+    """``@pytest.mark.cpu_kernel(op)``: skip without the compiled CPU kernel, unless the kernels are
+    required (``CONCEPT_EXT_REQUIRE_KERNELS=1``, as ``make test`` sets): then a missing kernel fails."""
+    for mark in item.iter_markers("cpu_kernel"):
+        import concept_ext  # registers the compiled kernels, when built
+
+        for op in mark.args:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", "CPU"):
+                continue
+            why = f"the compiled CPU kernel of concept_ext::{op} is not registered"
+            if concept_ext.KERNELS_REQUIRED:
+                pytest.fail(f"{why} and {concept_ext.REQUIRE_KERNELS_ENV}=1 requires it", pytrace=False)
+            pytest.skip(why)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
