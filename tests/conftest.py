@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -91,9 +92,16 @@ def _bert_tokenizer(tmp: Path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase) + list(string.digits)
     vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,!?'\"-:;()@#/&<>")
     vocab += sorted(set(words))
-    path = tmp / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    ids = {w: i for i, w in enumerate(dict.fromkeys(vocab))}  # "a" is both a letter and a word
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 5: vocab dict
+        tok = BertTokenizerFast(vocab=ids, do_lower_case=True)
+    else:  # transformers 4: a vocab file
+        path = tmp / "vocab.txt"
+        path.write_text("\n".join(ids) + "\n")
+        tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    # transformers 5 ignores vocab_file and leaves the 5 special tokens only: every word became [UNK].
+    assert len(tok) == len(ids) and tok.convert_tokens_to_ids("movie") == ids["movie"], "tiny BERT vocabulary not loaded"
+    return tok
 
 
 def make_tiny_bert(tmp: Path, num_labels: int = 4, seed: int = 0):
