@@ -51,6 +51,37 @@ def pytest_runtest_setup(item):
             pytest.skip(why)
 
 
+#: Replays a failed random test: ``CONCEPT_EXT_TEST_SEED=<seed> python -m pytest <test id>``.
+SEED_ENV = "CONCEPT_EXT_TEST_SEED"
+
+
+@pytest.fixture
+def rand_seed(request) -> int:
+    """A fresh seed per test (``CONCEPT_EXT_TEST_SEED`` to replay one), recorded on the test item and printed
+    with its failure report (``pytest_runtest_makereport`` below)."""
+    env = os.environ.get(SEED_ENV)
+    value = int(env) if env else random.SystemRandom().randrange(2**31)  # SystemRandom: random is seeded 0
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.fixture
+def rand_gen(rand_seed) -> torch.Generator:
+    """A CPU generator seeded with :func:`rand_seed`: the test's random inputs, replayable from its seed."""
+    return torch.Generator().manual_seed(rand_seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that drew a :func:`rand_seed` gets a "random seed" section with the replay command."""
+    outcome = yield
+    rep = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if rep.failed and seeds:
+        rep.sections.append(("random seed", f"seed {seeds[-1]}: replay with "
+                                            f"{SEED_ENV}={seeds[-1]} python -m pytest '{item.nodeid}'"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -6,12 +6,13 @@ import torch
 
 import concept_ext
 
-x = torch.randn(4, 3)
-W = torch.randn(3, 6)
+_g = torch.Generator().manual_seed(0)  # module-level inputs: the same on every run
+x = torch.randn(4, 3, generator=_g)
+W = torch.randn(3, 6, generator=_g)
 b = torch.zeros(6)
-v = torch.rand(4, 2)
+v = torch.rand(4, 2, generator=_g)
 i = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]])
-Wd = torch.randn(6, 3)
+Wd = torch.randn(6, 3, generator=_g)
 bd = torch.zeros(3)
 
 nan_x = x.clone()
