@@ -23,12 +23,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = (ROOT / ".." / "shared").resolve()
+SHARED = Path(__import__("concept_ext.text.data", fromlist=["shared_dir"]).shared_dir()).resolve()
 FULL = os.environ.get("CONCEPT_EXT_BENCH_FULL", "0") == "1"
 N_ROWS = {"neox": 512 if FULL else 16, "minilm": 256 if FULL else 8}
 BATCH = 32
 
-pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(), reason="../shared/data missing")
+pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(), reason=f"{SHARED}/data (../shared) missing")
 
 
 def make_classifier(name: str):

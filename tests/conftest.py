@@ -27,13 +27,15 @@ import torch
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = (ROOT / ".." / "shared").resolve()
+# ../shared beside the checkout, or CONCEPT_EXT_SHARED_DIR (CI's second pass points it at an empty folder:
+# a clone without ../shared, where what needs it skips with its reason).
+SHARED = Path(__import__("concept_ext.text.data", fromlist=["shared_dir"]).shared_dir()).resolve()
 PYTHIA_14M = SHARED / "models" / "pythia-configs" / "pythia-14m"
 PYTHIA_TOKENIZER = SHARED / "models" / "pythia-tokenizer"
 TINY_NEOX = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1)
 
 needs_shared = pytest.mark.skipif(not PYTHIA_14M.is_dir() or not (SHARED / "data").is_dir(),
-                                  reason="../shared (configs, tokenizer, data) not present")
+                                  reason=f"{SHARED} (../shared: configs, tokenizer, data) not present")
 
 
 def pytest_runtest_setup(item):
