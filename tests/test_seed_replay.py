@@ -41,8 +41,8 @@ def _run(tmp_path: Path, seed: str | None) -> str:
 
 def test_failure_prints_seed_and_the_seed_replays_the_draw(tmp_path):
     first = _run(tmp_path, None)
-    found = re.search(r"seed (\d+): replay with CONCEPT_EXT_TEST_SEED=(\d+) python -m pytest 'test_draw.py::test_draw'",
-                      first)
+    found = re.search(r"seed (\d+): replay with CONCEPT_EXT_TEST_SEED=(\d+) "
+                      r"python -m pytest 'test_draw.py::test_draw'", first)
     assert found and found.group(1) == found.group(2), first
     drew = re.search(r"drew \[[^\]]*\]", first).group(0)
     again = _run(tmp_path, found.group(1))

@@ -153,7 +153,8 @@ def test_probe_finds_planted_latents(sparse_latents, preset):
     pipe = make_pipeline(*([StandardScaler()] if cfg.standardize else []), lr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(converge|max_iter).*")
-        want = float(cross_val_score(pipe, acts.double().numpy(), labels.numpy(), cv=folds, scoring="accuracy").mean())
+        scores = cross_val_score(pipe, acts.double().numpy(), labels.numpy(), cv=folds, scoring="accuracy")
+    want = float(scores.mean())
     assert res.cv_accuracy == pytest.approx(want, abs=1e-12 if cfg.search == "grid" else 0.01), (cfg.search, want)
 
 

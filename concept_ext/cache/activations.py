@@ -44,7 +44,8 @@ from concept_ext.text.data import TextDataset, load_dataset, sha256_file
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["build_cache", "load_cache", "check_finite", "CacheHandle", "ActivationCache", "CacheKeyMismatch", "CacheError",
+__all__ = ["build_cache", "load_cache", "check_finite",
+           "CacheHandle", "ActivationCache", "CacheKeyMismatch", "CacheError",
            "cache_key", "spot_check"]
 
 FORMAT_VERSION = 1
