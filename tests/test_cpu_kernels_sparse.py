@@ -17,10 +17,8 @@ import torch
 import concept_ext  # noqa: F401  (loads _C when built)
 from concept_ext.ops import reference as ref
 
-pytestmark = pytest.mark.skipif(
-    not torch._C._dispatch_has_kernel_for_dispatch_key("concept_ext::sparse_decode", "CPU"),
-    reason="the compiled CPU kernels of concept_ext are not built",
-)
+pytestmark = pytest.mark.cpu_kernel("sparse_decode", "sparse_decode_backward", "activation_rate_loss",
+                                   "activation_rate_loss_backward", "ablate_decode")
 
 OPS = torch.ops.concept_ext
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -3,7 +3,9 @@ atomic checkpoints and exact resumption, and the saved model reloads through loa
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_bert, make_tiny_neox, needs_shared
@@ -11,16 +13,51 @@ from conftest import make_tiny_bert, make_tiny_neox, needs_shared
 from concept_ext.classifier.backbones import load_backbone, weights_hash
 from concept_ext.classifier.model import Classifier
 from concept_ext.config.clf import FineTuneConfig
-from concept_ext.text.data import load_dataset
+from concept_ext.text.data import TextDataset, load_dataset
 from concept_ext.classifier.finetune import _lr_lambda, batch_order, finetune
 
-pytestmark = needs_shared
 QUICK = dict(steps=4, batch_size=4, lr=1e-3, warmup_ratio=0.25, eval_batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def sst():
     return load_dataset("sst2", "validation", max_rows=32)
+
+
+# A planted two-class task in the tiny BERT's vocabulary: each sentence holds four cue words of its class
+# among one to three filler words, so the class is learnable from any sentence and a held-out split is fair.
+_FILL = "the a of to and is in it for on with this that was".split()
+_CUES = {0: "bad lost stock price market".split(), 1: "good great win sports team".split()}
+
+
+def planted(n: int, seed: int) -> TextDataset:
+    """``n`` planted sentences, alternating labels, drawn with ``seed``."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        words = [rng.choice(_FILL) for _ in range(rng.randint(1, 3))] + [rng.choice(_CUES[i % 2]) for _ in range(4)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(i % 2)
+    return TextDataset(texts=texts, labels=np.array(labels, dtype=np.int64), class_names=["negative", "positive"],
+                       key="planted", split=f"seed{seed}", fingerprint=f"planted-{n}-{seed}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_finetune_loss_falls_and_beats_chance_held_out(tmp_path, seed):
+    """80 steps on 64 planted sentences: the loss falls (measured: mean of the first 10 steps 0.69, of the
+    last 10 about 0.2-0.3 for seeds 0-2) and the accuracy on 48 other sentences is far above chance (0.5;
+    measured 1.0), while the untrained model is at chance there."""
+    train, test = planted(64, seed=2 * seed), planted(48, seed=2 * seed + 1)
+    assert not set(train.texts) & set(test.texts), "the held-out split must not repeat training sentences"
+    clf = Classifier(make_tiny_bert(tmp_path, num_labels=2, seed=seed), train.class_names)
+    before = float((clf.predict(test.texts).logits.argmax(1).numpy() == test.labels).mean())
+    cfg = FineTuneConfig(steps=80, batch_size=8, lr=1e-3, warmup_ratio=0.1, eval_batch_size=32, seed=seed)
+    res = finetune(clf, train, config=cfg, test=test)
+    first, last = float(np.mean(res.losses[:10])), float(np.mean(res.losses[-10:]))
+    msg = f"seed={seed} first={first:.3f} last={last:.3f} before={before:.3f} test_acc={res.test_acc:.3f}"
+    assert last < 0.6 * first, msg
+    assert res.test_acc >= 0.9 and before <= 0.7, msg
 
 
 def test_presets_and_schedule():
@@ -46,6 +83,7 @@ def test_batch_order_is_a_seeded_bucketed_permutation():
     assert [next(it) for _ in range(5)] != epoch  # the next epoch reshuffles
 
 
+@needs_shared
 def test_finetune_trains_and_records_fallback(pythia_tokenizer, sst, tmp_path):
     bb = make_tiny_neox(pythia_tokenizer)
     clf = Classifier(bb, sst.class_names)
@@ -61,6 +99,7 @@ def test_finetune_trains_and_records_fallback(pythia_tokenizer, sst, tmp_path):
     torch.testing.assert_close(again.predict(sst.texts[:4]).logits, clf.predict(sst.texts[:4]).logits)
 
 
+@needs_shared
 def test_resume_is_exact(pythia_tokenizer, sst, tmp_path, monkeypatch):
     cfg = FineTuneConfig(**QUICK, checkpoint_every=2)
     straight = Classifier(make_tiny_neox(pythia_tokenizer), sst.class_names)
@@ -86,6 +125,7 @@ def test_resume_is_exact(pythia_tokenizer, sst, tmp_path, monkeypatch):
     assert weights_hash(resumed.model) == weights_hash(straight.model)
 
 
+@needs_shared
 def test_encoder_finetune(tmp_path, sst):
     bb = make_tiny_bert(tmp_path, num_labels=2)
     clf = Classifier(bb, sst.class_names)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import concept_ext
@@ -26,3 +28,19 @@ def test_info_json_cli():
         assert impl["cpu"] == ("cpu_kernel" if concept_ext.HAS_C_EXTENSION else "reference")
     assert isinstance(info["cuda_kernels_built"], bool)
     assert "cuda_arch_list" in info and "extension_loaded" in info
+
+
+@pytest.mark.skipif(not concept_ext.KERNELS_REQUIRED and not concept_ext.HAS_C_EXTENSION,
+                    reason="extension not built and CONCEPT_EXT_REQUIRE_KERNELS unset (a user's fallback install)")
+def test_info_json_reports_cpu_kernels_when_required():
+    """With CONCEPT_EXT_REQUIRE_KERNELS=1 (make test, CI), every op must be served by its compiled CPU kernel:
+    a broken or partial build fails here (or at import) instead of passing on the reference ops."""
+    env = {**os.environ, concept_ext.REQUIRE_KERNELS_ENV: "1"}
+    res = subprocess.run([sys.executable, "-m", "concept_ext", "info", "--json"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120)
+    assert res.returncode == 0, f"info --json failed with the kernels required:\n{res.stderr}"
+    info = json.loads(res.stdout)
+    assert info["extension_loaded"] is True and info["extension_error"] is None, info
+    served = {op: impl["cpu"] for op, impl in info["ops"].items()}
+    assert set(served) == set(OP_NAMES)
+    assert served == {op: "cpu_kernel" for op in OP_NAMES}, served

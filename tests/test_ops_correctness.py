@@ -53,8 +53,8 @@ def check_topk(values, indices, x, W_enc, b_enc, k, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", _devices("topk_encode"))
-def test_topk_encode(device, dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_topk_encode(device, dtype, rand_gen):
+    gen = rand_gen
     for label, kw in encode_cases(dtype, gen, device):
         values, indices = concept_ext.topk_encode(**kw)
         check_topk(values, indices, kw["x"], kw["W_enc"], kw["b_enc"], kw["k"], dtype)
@@ -64,8 +64,8 @@ def test_topk_encode(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", _devices("sparse_decode"))
-def test_sparse_decode(device, dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_sparse_decode(device, dtype, rand_gen):
+    gen = rand_gen
     for label, kw in decode_cases(dtype, gen, device):
         out = concept_ext.sparse_decode(**kw)
         assert out.shape == (kw["values"].shape[0], kw["W_dec"].shape[1]) and out.dtype == dtype, label
@@ -74,8 +74,8 @@ def test_sparse_decode(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", _devices("sparse_decode"))
-def test_sparse_decode_backward_matches_dense_autograd(device, dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_sparse_decode_backward_matches_dense_autograd(device, dtype, rand_gen):
+    gen = rand_gen
     for label, kw in decode_cases(dtype, gen, device):
         g = torch.randn((kw["values"].shape[0], kw["W_dec"].shape[1]), generator=gen).to(dtype=dtype, device=device)
         gv, gw = torch.ops.concept_ext.sparse_decode_backward(g, kw["values"], kw["indices"], kw["W_dec"])
@@ -90,8 +90,8 @@ def test_sparse_decode_backward_matches_dense_autograd(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", _devices("topk_encode"))
-def test_topk_encode_backward_matches_dense_autograd(device, dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_topk_encode_backward_matches_dense_autograd(device, dtype, rand_gen):
+    gen = rand_gen
     for label, kw in encode_cases(dtype, gen, device):
         if label == "ties":  # the selected set is ambiguous under ties; covered by the tie-free cases
             continue
@@ -115,8 +115,8 @@ def test_topk_encode_backward_matches_dense_autograd(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", _devices("activation_rate_loss"))
-def test_activation_rate_loss(device, dtype):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_activation_rate_loss(device, dtype, rand_gen):
+    gen = rand_gen
     for label, kw in rate_cases(dtype, gen, device):
         loss = concept_ext.activation_rate_loss(**kw)
         assert loss.shape == () and loss.dtype == dtype, label
@@ -125,9 +125,9 @@ def test_activation_rate_loss(device, dtype):
 
 
 @pytest.mark.parametrize("device", _devices("activation_rate_loss"))
-def test_activation_rate_loss_gradient_matches_dense(device):
+def test_activation_rate_loss_gradient_matches_dense(device, rand_gen):
     """Tie-free values: the sparse gradient equals the dense formula's autograd gradient."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = rand_gen
     for n, k, m, rate in [(40, 3, 5, 0.1), (100, 8, 16, 0.1), (30, 4, 4, 0.2)]:
         v, i = make_code(n, k, m, dtype=torch.float64, gen=gen, device=device, zeros_frac=0.0)
         v = v + torch.arange(v.numel(), dtype=torch.float64, device=device).reshape(v.shape) * 1e-6  # no ties
@@ -141,8 +141,8 @@ def test_activation_rate_loss_gradient_matches_dense(device):
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", _devices("ablate_decode"))
-def test_ablate_decode_matches_naive_loop(device, dtype, with_norm):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_ablate_decode_matches_naive_loop(device, dtype, with_norm, rand_gen):
+    gen = rand_gen
     for label, kw in decode_cases(dtype, gen, device):
         m = kw["W_dec"].shape[0]
         keep = torch.randperm(m, generator=gen)[: max(1, m // 2)].to(device)
@@ -165,9 +165,9 @@ def test_ablate_decode_matches_naive_loop(device, dtype, with_norm):
 
 
 @pytest.mark.parametrize("op", ["topk_encode", "sparse_decode", "activation_rate_loss", "ablate_decode"])
-def test_dispatched_kernel_equals_reference_on_fresh_inputs(op):
+def test_dispatched_kernel_equals_reference_on_fresh_inputs(op, rand_gen):
     """Whatever serves the op on CPU gives the reference's numbers (bit-for-bit is not required)."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = rand_gen
     v, i = make_code(300, 12, 500, dtype=torch.float32, gen=gen)
     w = torch.randn((500, 64), generator=gen)
     b = torch.randn((64,), generator=gen)

@@ -9,13 +9,9 @@ import concept_ext
 from samples import make_code
 
 
-def _gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 @pytest.mark.parametrize("n,d,m,k", [(5, 4, 7, 3), (3, 6, 6, 6), (4, 3, 9, 1)])
-def test_gradcheck_topk_encode(n, d, m, k):
-    g = _gen()
+def test_gradcheck_topk_encode(n, d, m, k, rand_gen):
+    g = rand_gen
     x = torch.randn((n, d), generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn((d, m), generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn((m,), generator=g, dtype=torch.float64, requires_grad=True)
@@ -25,8 +21,8 @@ def test_gradcheck_topk_encode(n, d, m, k):
 
 
 @pytest.mark.parametrize("n,d,m,k", [(5, 4, 7, 3), (6, 3, 5, 5), (1, 2, 3, 1)])
-def test_gradcheck_sparse_decode(n, d, m, k):
-    g = _gen()
+def test_gradcheck_sparse_decode(n, d, m, k, rand_gen):
+    g = rand_gen
     v, i = make_code(n, k, m, dtype=torch.float64, gen=g)
     v.requires_grad_()
     w = torch.randn((m, d), generator=g, dtype=torch.float64, requires_grad=True)
@@ -34,16 +30,16 @@ def test_gradcheck_sparse_decode(n, d, m, k):
     assert gradcheck(lambda v, w, b: concept_ext.sparse_decode(v, i, w, b), (v, w, b))
 
 
-def test_gradcheck_activation_rate_loss():
-    g = _gen()
+def test_gradcheck_activation_rate_loss(rand_gen):
+    g = rand_gen
     v, i = make_code(30, 3, 4, dtype=torch.float64, gen=g, zeros_frac=0.0)
     v = (v + 0.05 + torch.arange(v.numel(), dtype=torch.float64).reshape(v.shape) * 1e-3).requires_grad_()
     assert gradcheck(lambda v: concept_ext.activation_rate_loss(v, i, 4, 0.1), (v,))
 
 
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_gradcheck_ablate_decode(with_norm):
-    g = _gen()
+def test_gradcheck_ablate_decode(with_norm, rand_gen):
+    g = rand_gen
     v, i = make_code(6, 3, 8, dtype=torch.float64, gen=g, zeros_frac=0.0)
     v.requires_grad_()
     w = torch.randn((8, 5), generator=g, dtype=torch.float64, requires_grad=True)
@@ -58,7 +54,7 @@ def test_gradcheck_ablate_decode(with_norm):
     assert gradcheck(f, (v, w, b))
 
 
-def test_deterministic_mode_reaches_the_backward_ops(monkeypatch):
+def test_deterministic_mode_reaches_the_backward_ops(monkeypatch, rand_gen):
     """Autograd passes torch.are_deterministic_algorithms_enabled() to both backward ops (the CUDA kernels
     switch to their sorted reduction on it; the CPU kernels always are deterministic and must give the same
     bits either way)."""
@@ -68,7 +64,7 @@ def test_deterministic_mode_reaches_the_backward_ops(monkeypatch):
         # Record the flag each call receives, then run the real kernel.
         monkeypatch.setattr(torch.ops.concept_ext, name, (lambda op, name: lambda *a: seen.append((name, a[-1])) or op(*a))(
             op, name))
-    g = _gen()
+    g = rand_gen
     x = torch.randn((40, 6), generator=g, requires_grad=True)
     w = torch.randn((6, 30), generator=g, requires_grad=True)
     b = torch.randn((30,), generator=g, requires_grad=True)

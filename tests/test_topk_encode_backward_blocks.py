@@ -9,10 +9,7 @@ import concept_ext  # noqa: F401  (loads _C, which registers the kernels)
 from concept_ext.ops import reference
 
 OP = torch.ops.concept_ext
-pytestmark = pytest.mark.skipif(
-    not torch._C._dispatch_has_kernel_for_dispatch_key("concept_ext::topk_encode", "CPU"),
-    reason="compiled CPU kernels not built",
-)
+pytestmark = pytest.mark.cpu_kernel("topk_encode", "topk_encode_backward")
 
 
 def _case(n, d, m, k, seed, *, few_latents=False):

@@ -3,7 +3,8 @@
 Kernel-focused: odd sizes, k = 1 and k = m, ties (repeated columns), the three dtypes, empty batch,
 non-contiguous inputs, NaN errors, the two threading strategies and block sizes of the kernel
 (environment knobs read per call), determinism of the backward, and gradcheck in float64 through
-``torch.ops.concept_ext.topk_encode``. Skipped when the compiled CPU kernel is not registered.
+``torch.ops.concept_ext.topk_encode``. Skipped when the compiled CPU kernel is not registered (failed instead
+under CONCEPT_EXT_REQUIRE_KERNELS=1).
 """
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ import torch
 import concept_ext  # noqa: F401  (loads _C, which registers the kernels)
 from concept_ext.ops import reference
 
-pytestmark = pytest.mark.skipif(
-    not torch._C._dispatch_has_kernel_for_dispatch_key("concept_ext::topk_encode", "CPU"),
-    reason="compiled CPU kernel of concept_ext::topk_encode is not registered",
-)
+pytestmark = pytest.mark.cpu_kernel("topk_encode", "topk_encode_backward")
 
 OP = torch.ops.concept_ext
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}

@@ -44,7 +44,8 @@ from concept_ext.text.data import TextDataset, load_dataset, sha256_file
 
 logger = logging.getLogger("concept_ext")
 
-__all__ = ["build_cache", "load_cache", "CacheHandle", "ActivationCache", "CacheKeyMismatch", "CacheError",
+__all__ = ["build_cache", "load_cache", "check_finite",
+           "CacheHandle", "ActivationCache", "CacheKeyMismatch", "CacheError",
            "cache_key", "spot_check"]
 
 FORMAT_VERSION = 1
@@ -282,6 +283,21 @@ def spot_check(cache: ActivationCache, clf: Classifier, *, rows: int = 4, atol: 
     return err
 
 
+def check_finite(cache: ActivationCache, where: str | os.PathLike, *, split: str) -> None:
+    """Raise :class:`CacheError` when the cached h [N, d] or logits [N, C] hold a NaN or inf, naming the split
+    and its rows (cache rows = the split's order): every stage that loads the cache (the pipeline's fit,
+    embed and evaluate) stops there, before anything is fitted or written from it."""
+    for name, t in (("h", cache.h), ("logits", cache.logits)):
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} rows)" if len(bad) > 10 else "")
+            text = cache.texts[bad[0]] if bad[0] < len(cache.texts) else ""
+            raise CacheError(
+                f"{where}: the cached {name} of the {split} split is not finite (NaN or inf) in row(s) {shown} "
+                f"(row {bad[0]}: {text[:80]!r}). Check the classifier (e.g. an fp16 overflow) and the input, "
+                "then rebuild the cache (--force cache).")
+
+
 def load_cache(cache_dir: str | os.PathLike, *, expect_key: dict | None = None, classifier: Classifier | None = None,
                spot_check_rows: int = 4, verify: bool = True) -> ActivationCache:
     """Load a complete cache.
@@ -321,6 +337,7 @@ def load_cache(cache_dir: str | os.PathLike, *, expect_key: dict | None = None, 
     meta["truncated"] = torch.cat(parts["truncated"]).bool()
     cache = ActivationCache(torch.cat(parts["h"]).float(), torch.cat(parts["logits"]).float(), torch.cat(parts["pred"]),
                             torch.cat(parts["label"]), texts, list(man["class_names"]), meta)
+    check_finite(cache, d, split=key.get("split", "?"))  # before the spot check re-runs any row
     if classifier is not None:
         if weights_hash(classifier.model) != key["weights_sha256"] or classifier.layer != key["layer"]:
             raise CacheKeyMismatch(f"{d}: built for other weights or layer than the given classifier")

@@ -110,6 +110,8 @@ def fit_probe(acts: Tensor, labels: Tensor, *, config: ProbeConfig | None = None
             best_c = float(np.ravel(clf.C_)[0])
             cv_acc = float("nan")
             scores_ = getattr(clf, "scores_", None)
+            if isinstance(scores_, dict):  # legacy attributes: {class: [n_folds, (n_l1_ratios,) n_cs]}, one per class
+                scores_ = np.asarray(next(iter(scores_.values())))
             if isinstance(scores_, np.ndarray):  # [n_folds, n_l1_ratios, n_cs]
                 cv_acc = float(scores_.reshape(scores_.shape[0], -1).mean(axis=0).max())
     coef = np.atleast_2d(clf.coef_)  # [n_classes or 1, m]
