@@ -143,6 +143,7 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
+@needs_shared
 def test_resume_refuses_a_pickled_callable(pythia_tokenizer, sst, tmp_path):
     """trainer_state.pt loads with weights_only=True: a crafted file holding a callable is refused, named,
     and never runs; a real checkpoint's state (optimizer, scheduler, RNG) loads under the same rule."""

@@ -69,7 +69,9 @@ def _headline(report: str, title: str) -> dict[str, list[str]]:
     """The cells of the headline table under the section ``## Headline table — <title>``: metric -> one
     cell per method, in the table's column order."""
     section = report.split(f"## Headline table — {title}", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.split("\n\n", 2)[1].splitlines() if line.startswith("|")]
+    # the table is the first block of "|" lines (the leading protocol's section opens with its reason)
+    block = next(b for b in section.split("\n\n") if b.startswith("| metric"))
+    rows = [line for line in block.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in row.replace("\\|", "¦").strip("|").split("|")] for row in rows]
     assert cells[0][1:] == list(METHODS), cells[0]
     return {row[0].replace("¦", "|"): row[1:] for row in cells[2:]}
