@@ -3,6 +3,7 @@ train split, the embed stage for the test split), with the split and row named, 
 it (fit, evaluation, metrics.json, report.md) is written."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from concept_ext.cache.activations import MANIFEST, CacheError
 from concept_ext.config.run import load_run_config
 from concept_ext.pipeline.stages import Pipeline
-from concept_ext.runstate import read_record
+from concept_ext.runstate import output_digests, read_record, write_record
 from concept_ext.text.data import sha256_file
 from test_pipeline import TINY
 
@@ -51,6 +52,11 @@ def poison(cache_dir: Path, name: str, row: int, value: float) -> None:
     save_file(tensors, str(path), metadata=meta)
     entry["sha256"] = sha256_file(path)
     (cache_dir / MANIFEST).write_text(json.dumps(man))
+    # ... and the cache stage's record of its outputs too, so that the rerun trusts the stage (a changed file
+    # would otherwise make it redo the cache) and only the finiteness check can catch the value.
+    stage_dir = cache_dir.parent
+    record = read_record(stage_dir)
+    write_record(stage_dir, dataclasses.replace(record, outputs=output_digests(stage_dir)))
 
 
 @pytest.mark.slow
